@@ -1,0 +1,21 @@
+"""Evaluation: question / answer files, answer normalisation, scores, batched generation.
+
+``llava_train.eval.generate`` (which needs torch and the model / data packages) is imported on its
+own so that scoring stays light.
+"""
+
+from llava_train.eval.metrics import score, score_records, vqa_accuracy, yes_no_metrics
+from llava_train.eval.normalize import normalize_vqa_answer
+from llava_train.eval.questions import Question, load_answers, load_ground_truth, load_questions
+
+__all__ = [
+    "Question",
+    "load_answers",
+    "load_ground_truth",
+    "load_questions",
+    "normalize_vqa_answer",
+    "score",
+    "score_records",
+    "vqa_accuracy",
+    "yes_no_metrics",
+]
