@@ -1,0 +1,283 @@
+"""Model builder: a typed ``ModelConfig`` (Hydra schema) -> ``LlavaConfig`` -> ``LlavaLlamaForCausalLM``.
+
+A preset fills every field left ``None``. Presets:
+- ``tiny``: CLIP 56px / patch 14 (P=4), hidden 64, 2 layers; LLM hidden 128, 2 layers; anyres +
+  spatial_unpad with small pinpoints. For tests and the demo; a few M parameters plus embeddings.
+- ``llava-v1.5-7b``: Vicuna-7B + CLIP-L/14-336, pad, flat, mlp2x_gelu.
+- ``llava-v1.6-vicuna-7b``: the seed's section-2 table (anyres, spatial_unpad, pinpoints, ...).
+The CLIP config is written out in every preset, so models build offline (and on the meta device).
+
+``build_model`` always goes LLM first, then ``initialize_vision_modules`` (the training path):
+the LLM is random (from the preset sizes) or loaded from ``llm_path`` (a local Llama checkpoint);
+the tower is random from the preset's CLIP config, or pretrained when ``vision_tower`` is set.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from llava_train.model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from llava_train.model.vision_tower import BUILTIN_VISION_CONFIGS, parse_s2_scales
+
+CLIP_L336 = "openai/clip-vit-large-patch14-336"
+_VICUNA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    vocab_size=32000,
+    rms_norm_eps=1e-5,
+    initializer_range=0.02,
+    hidden_act="silu",
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    attention_dropout=0.0,
+    pretraining_tp=1,
+    use_cache=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        llm=dict(
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            vocab_size=32000,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        ),
+        vision_name="tiny-clip-56",
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            projection_dim=64,
+        ),
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            mm_patch_merge_type="spatial_unpad",
+            image_aspect_ratio="anyres",
+            image_grid_pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            model_max_length=2048,
+        ),
+    ),
+    "llava-v1.5-7b": dict(
+        llm=_VICUNA_7B,
+        vision_name=CLIP_L336,
+        vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            mm_patch_merge_type="flat",
+            image_aspect_ratio="pad",
+            image_grid_pinpoints=None,
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            model_max_length=2048,
+        ),
+    ),
+    "llava-v1.6-vicuna-7b": dict(
+        llm=_VICUNA_7B,
+        vision_name=CLIP_L336,
+        vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            mm_patch_merge_type="spatial_unpad",
+            image_aspect_ratio="anyres",
+            image_grid_pinpoints=V16_PINPOINTS,
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            model_max_length=4096,
+        ),
+    ),
+}
+_LLM_OVERRIDES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+_MM_OVERRIDES = (
+    "mm_projector_type",
+    "mm_patch_merge_type",
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "mm_vision_select_layer",
+    "mm_vision_select_feature",
+    "model_max_length",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Model config group. ``None`` means "take the preset's value"."""
+
+    preset: str = "tiny"
+    # LLM: a local HF LlamaForCausalLM directory; None = random init from the preset sizes.
+    llm_path: str | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int | None = None
+    # Vision: a pretrained CLIP (local dir / hub name); None = random tower from the preset's config.
+    vision_tower: str | None = None
+    vision_config: dict | None = None  # CLIPVisionConfig overrides for the random tower
+    use_s2: bool = False
+    s2_scales: str = "336,672,1008"
+    mm_vision_select_layer: int | None = None
+    mm_vision_select_feature: str | None = None
+    mm_projector_type: str | None = None
+    pretrain_mm_mlp_adapter: str | None = None  # projector weights (.safetensors / .bin) to load
+    mm_patch_merge_type: str | None = None
+    image_aspect_ratio: str | None = None
+    image_grid_pinpoints: list | None = None
+    model_max_length: int | None = None
+    padding_side: str = "right"
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    tune_mm_mlp_adapter: bool = False
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    extra: dict = field(default_factory=dict)  # any other LlamaConfig key, passed through
+
+
+def _preset(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown model preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[cfg.preset])
+
+
+def _resolved_mm(cfg: ModelConfig, preset: dict[str, Any]) -> dict[str, Any]:
+    mm = preset["mm"]
+    for key in _MM_OVERRIDES:
+        if getattr(cfg, key) is not None:
+            mm[key] = copy.deepcopy(getattr(cfg, key))
+    return mm
+
+
+def _vision_config(cfg: ModelConfig, preset: dict[str, Any]) -> dict | None:
+    if cfg.vision_tower is not None:
+        return None  # pretrained tower: its own config
+    return {**preset["vision_config"], **(cfg.vision_config or {})}
+
+
+def _mm_hidden_size(cfg: ModelConfig, vision_config: dict | None) -> int | None:
+    if vision_config is None:
+        return None  # known once the pretrained tower is loaded
+    scales = len(parse_s2_scales(cfg.s2_scales)) if cfg.use_s2 else 1
+    return vision_config["hidden_size"] * scales
+
+
+def build_llava_config(cfg: ModelConfig, vocab_size: int | None = None) -> LlavaConfig:
+    """The full LlavaConfig (LLM sizes + mm_* keys) of ``cfg``; vocab from ``vocab_size`` or the preset."""
+    preset = _preset(cfg)
+    llm = preset["llm"]
+    for key in _LLM_OVERRIDES:
+        if getattr(cfg, key) is not None:
+            llm[key] = getattr(cfg, key)
+    if vocab_size is not None:
+        llm["vocab_size"] = vocab_size
+    mm = _resolved_mm(cfg, preset)
+    vision_config = _vision_config(cfg, preset)
+    return LlavaConfig(
+        **llm,
+        **cfg.extra,
+        mm_vision_tower=cfg.vision_tower or preset["vision_name"],
+        mm_vision_config=vision_config,
+        mm_hidden_size=_mm_hidden_size(cfg, vision_config),
+        mm_vision_select_layer=mm["mm_vision_select_layer"],
+        mm_vision_select_feature=mm["mm_vision_select_feature"],
+        mm_projector_type=mm["mm_projector_type"],
+        mm_patch_merge_type=mm["mm_patch_merge_type"],
+        image_aspect_ratio=mm["image_aspect_ratio"],
+        image_grid_pinpoints=mm["image_grid_pinpoints"],
+        tokenizer_model_max_length=mm["model_max_length"],
+        tokenizer_padding_side=cfg.padding_side,
+        mm_use_im_start_end=cfg.mm_use_im_start_end,
+        mm_use_im_patch_token=cfg.mm_use_im_patch_token,
+        use_mm_proj=True,
+        use_s2=cfg.use_s2,
+        s2_scales=cfg.s2_scales,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def vision_args(config: LlavaConfig, cfg: ModelConfig) -> SimpleNamespace:
+    """The ``model_args`` that ``initialize_vision_modules`` / ``initialize_vision_tokenizer`` read."""
+    return SimpleNamespace(
+        vision_tower=config.mm_vision_tower,
+        mm_vision_config=config.mm_vision_config,
+        mm_vision_select_layer=config.mm_vision_select_layer,
+        mm_vision_select_feature=config.mm_vision_select_feature,
+        mm_projector_type=config.mm_projector_type,
+        mm_patch_merge_type=config.mm_patch_merge_type,
+        pretrain_mm_mlp_adapter=cfg.pretrain_mm_mlp_adapter,
+        use_s2=cfg.use_s2,
+        s2_scales=cfg.s2_scales,
+        mm_use_im_start_end=cfg.mm_use_im_start_end,
+        mm_use_im_patch_token=cfg.mm_use_im_patch_token,
+        tune_mm_mlp_adapter=cfg.tune_mm_mlp_adapter,
+    )
+
+
+def _build_llm(cfg: ModelConfig, config: LlavaConfig) -> LlavaLlamaForCausalLM:
+    """The decoder alone: loaded from ``llm_path`` or random from ``config`` (mm keys stripped)."""
+    if cfg.llm_path is not None:
+        return LlavaLlamaForCausalLM.from_pretrained(
+            cfg.llm_path, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+        )
+    text_config = copy.deepcopy(config)
+    text_config.mm_vision_tower = None
+    return LlavaLlamaForCausalLM(text_config).to(_DTYPES[cfg.dtype])
+
+
+_MM_CONFIG_KEYS = (
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "mm_use_im_start_end",
+    "mm_use_im_patch_token",
+)
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any = None) -> LlavaLlamaForCausalLM:
+    """LLM, then vision modules, then the image tokens of ``tokenizer`` (vocab resized to fit it)."""
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"dtype {cfg.dtype!r}; use one of {sorted(_DTYPES)}")
+    vocab = len(tokenizer) if tokenizer is not None else None
+    config = build_llava_config(cfg, vocab_size=vocab)
+    model = _build_llm(cfg, config)
+    args = vision_args(config, cfg)
+    model.get_model().initialize_vision_modules(args)
+    for key in _MM_CONFIG_KEYS:
+        setattr(model.config, key, getattr(config, key))
+    if tokenizer is not None:
+        if len(tokenizer) > model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))
+        model.initialize_vision_tokenizer(args, tokenizer)
+    return model

@@ -1,0 +1,426 @@
+"""LLaVA glue: vision modules on the LLM, and the multimodal merge of image features into text.
+
+Notation: b batch, s input length, T output length, n_img images in the batch, L_i feature tokens
+of image i, P patches per side of one crop, h LLM hidden size, d_v vision hidden size.
+
+The merge (:meth:`LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`) computes exactly what
+the original LLaVA computes (seed, section 3): drop tokens outside the attention mask, replace each
+``IMAGE_TOKEN_INDEX`` placeholder by that image's features (labels IGNORE_INDEX), truncate to
+``tokenizer_model_max_length``, pad left or right. It is vectorised: every kept token gets an
+expanded length (1 for text, L_i for an image), a cumulative sum gives each token's output start,
+and one ``index_put`` writes text embeddings and image features together. What remains a Python loop
+is the per-image feature reshaping for anyres (grid shape, unpad, newline), one step per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_train.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_PATCH_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+)
+from llava_train.model.anyres import (
+    anyres_max_downscale,
+    anyres_max_patches,
+    get_anyres_image_grid_shape,
+    is_anyres,
+    unpad_image,
+)
+from llava_train.model.projector import build_vision_projector
+from llava_train.model.vision_tower import CLIPVisionTower, build_vision_tower
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vectorised merge (pure functions, tested against a loop reference in tests/reference_merge.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def select_used_images(images_per_row: torch.Tensor, num_images: int) -> torch.Tensor | None:
+    """Indices of the images the placeholders consume, or None when all of them are.
+
+    Accepts the reference convention of one dummy image per text-only row (consumed, ignored).
+    Raises ValueError naming the first row whose placeholders find no image.
+    """
+    num_placeholders = int(images_per_row.sum())
+    if num_images == num_placeholders:
+        return None
+    text_only = images_per_row == 0
+    if num_images == num_placeholders + int(text_only.sum()):
+        consumed = images_per_row.clamp(min=1)  # [b] images each row takes, dummies included
+        is_dummy = text_only.repeat_interleave(consumed)  # [n_img]
+        return (~is_dummy).nonzero(as_tuple=True)[0]
+    short = (images_per_row.cumsum(0) > num_images).nonzero(as_tuple=True)[0]
+    if len(short):
+        row = int(short[0])
+        raise ValueError(
+            f"row {row} has {int(images_per_row[row])} image placeholder(s) but the batch ran out of images "
+            f"({num_images} images for {num_placeholders} placeholders; per-row counts "
+            f"{images_per_row.tolist()}): give one image per IMAGE_TOKEN_INDEX, in row order"
+        )
+    raise ValueError(
+        f"{num_images} images for {num_placeholders} image placeholders (per-row counts "
+        f"{images_per_row.tolist()}; the last row {len(images_per_row) - 1} leaves images unused): give one "
+        "image per IMAGE_TOKEN_INDEX, or one dummy image per text-only row"
+    )
+
+
+def merge_text_and_images(
+    text_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    keep: torch.Tensor,
+    labels: torch.Tensor,
+    image_features: list[torch.Tensor],
+    max_length: int | None,
+    padding_side: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Insert image features at their placeholders; truncate; pad.
+
+    Args:
+        text_embeds: [b, s, h] embeddings of ``input_ids`` (placeholder rows are ignored).
+        input_ids: [b, s] with IMAGE_TOKEN_INDEX at each image.
+        keep: [b, s] bool, the tokens to keep (the attention mask).
+        labels: [b, s].
+        image_features: n_img tensors [L_i, h], one per kept placeholder, in row-major order.
+        max_length: truncation length of each merged row, or None.
+        padding_side: "left" or "right".
+
+    Returns:
+        embeds [b, T, h], labels [b, T], attention mask [b, T] bool, position ids [b, T] long.
+    """
+    b, _, h = text_embeds.shape
+    device = text_embeds.device
+    is_image = (input_ids == IMAGE_TOKEN_INDEX) & keep  # [b, s]
+    is_text = keep & ~is_image  # [b, s]
+    lengths = torch.tensor([f.shape[0] for f in image_features], dtype=torch.long, device=device)  # [n_img]
+
+    span = is_text.long()  # [b, s] output tokens each input token expands to
+    span[is_image] = lengths
+    start = span.cumsum(1) - span  # [b, s] output start of each input token
+    new_len = span.sum(1)  # [b]
+    truncated = (
+        new_len > max_length if max_length is not None else torch.zeros_like(new_len, dtype=torch.bool)
+    )
+    if max_length is not None:
+        new_len = new_len.clamp(max=max_length)
+    out_len = int(new_len.max()) if b else 0
+    offset = out_len - new_len if padding_side == "left" else torch.zeros_like(new_len)  # [b]
+    if truncated.any():
+        logger.warning(
+            "rows %s exceed tokenizer_model_max_length=%s after image expansion and were truncated",
+            truncated.nonzero(as_tuple=True)[0].tolist(),
+            max_length,
+        )
+
+    text_row, text_col = is_text.nonzero(as_tuple=True)  # [n_text]
+    text_pos = start[text_row, text_col]  # [n_text]
+    text_fit = text_pos < new_len[text_row]
+
+    img_row = is_image.nonzero(as_tuple=True)[0].repeat_interleave(lengths)  # [sum L]
+    first = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)  # [sum L] index of each image's 1st row
+    img_pos = start[is_image].repeat_interleave(lengths) + torch.arange(len(img_row), device=device) - first
+    img_fit = img_pos < new_len[img_row]
+
+    rows = torch.cat([text_row[text_fit], img_row[img_fit]])
+    cols = torch.cat([text_pos[text_fit], img_pos[img_fit]]) + offset[rows]
+    features = torch.cat(image_features) if image_features else text_embeds.new_zeros(0, h)  # [sum L, h]
+    values = torch.cat([text_embeds[text_row, text_col][text_fit], features[img_fit].to(text_embeds.dtype)])
+    embeds = text_embeds.new_zeros(b, out_len, h).index_put((rows, cols), values)  # [b, T, h]
+
+    n_text = int(text_fit.sum())
+    new_labels = labels.new_full((b, out_len), IGNORE_INDEX)
+    new_labels[rows[:n_text], cols[:n_text]] = labels[text_row, text_col][text_fit]  # [b, T]
+
+    arange = torch.arange(out_len, device=device)[None]  # [1, T]
+    mask = (arange >= offset[:, None]) & (arange < (offset + new_len)[:, None])  # [b, T]
+    position_ids = (arange - offset[:, None]).masked_fill(~mask, 0)  # [b, T]
+    return embeds, new_labels, mask, position_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision modules on the base model
+# ----------------------------------------------------------------------------------------------
+
+
+def load_projector_weights(path: str) -> dict[str, torch.Tensor]:
+    """State dict of a saved projector: ``.safetensors``, or a legacy ``.bin`` (weights only)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"pretrain_mm_mlp_adapter {path!r} is not a file (mm_projector.bin/.safetensors)"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def projector_state_from(weights: dict[str, torch.Tensor], projector: nn.Module, path: str) -> dict:
+    """Keys after ``mm_projector.`` (any prefix, e.g. ``model.mm_projector.``), checked against ``projector``."""
+    state = {k.split("mm_projector.", 1)[1]: v for k, v in weights.items() if "mm_projector." in k}
+    expected = projector.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"projector weights in {path} do not fit this projector ({projector.__class__.__name__}): "
+            f"missing {missing}, unexpected {unexpected}, shape mismatch {wrong}; file keys {sorted(weights)[:8]}. "
+            "Check mm_projector_type / mm_hidden_size / hidden_size against the run that saved it."
+        )
+    return state
+
+
+class LlavaMetaModel:
+    """Mixin for the base LLM: owns ``vision_tower``, ``mm_projector`` and ``image_newline``."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        if getattr(config, "mm_vision_tower", None):
+            self.vision_tower = build_vision_tower(config, delay_load=True)
+            self.mm_projector = build_vision_projector(config)
+            if "unpad" in (getattr(config, "mm_patch_merge_type", None) or ""):
+                self.image_newline = nn.Parameter(self._newline_init(config.hidden_size))
+
+    @staticmethod
+    def _newline_init(hidden_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.randn(hidden_size, dtype=dtype) / math.sqrt(hidden_size)
+
+    def get_vision_tower(self) -> CLIPVisionTower | None:
+        tower = getattr(self, "vision_tower", None)
+        return tower[0] if isinstance(tower, list) else tower
+
+    def initialize_vision_modules(self, model_args: Any, fsdp: list | None = None) -> None:
+        """Build (or load) the tower, build the projector and newline, record the mm_* config keys.
+
+        ``model_args`` needs ``vision_tower``; optional: ``mm_vision_select_layer``,
+        ``mm_vision_select_feature``, ``mm_projector_type``, ``mm_patch_merge_type``,
+        ``pretrain_mm_mlp_adapter``, ``mm_vision_config``, ``use_s2``, ``s2_scales``.
+        New modules take the dtype and device of the LLM's embeddings.
+        """
+        config = self.config
+        config.mm_vision_tower = model_args.vision_tower
+        config.mm_vision_select_layer = getattr(model_args, "mm_vision_select_layer", -2)
+        config.mm_vision_select_feature = getattr(model_args, "mm_vision_select_feature", "patch")
+        config.mm_patch_merge_type = getattr(model_args, "mm_patch_merge_type", "flat") or "flat"
+        config.mm_vision_config = getattr(model_args, "mm_vision_config", None) or config.mm_vision_config
+        for key in ("use_s2", "s2_scales"):
+            if hasattr(model_args, key):
+                setattr(config, key, getattr(model_args, key))
+        weight = self.embed_tokens.weight
+        tower = self.get_vision_tower()
+        if tower is None:
+            tower = build_vision_tower(config).to(device=weight.device, dtype=weight.dtype)
+            self.vision_tower = [tower] if fsdp else tower
+        else:
+            tower.load_model()
+
+        config.use_mm_proj = True
+        config.mm_projector_type = getattr(model_args, "mm_projector_type", "linear") or "linear"
+        config.mm_hidden_size = tower.hidden_size
+        if getattr(self, "mm_projector", None) is None:
+            self.mm_projector = build_vision_projector(config).to(device=weight.device, dtype=weight.dtype)
+            if "unpad" in config.mm_patch_merge_type:
+                newline = self._newline_init(config.hidden_size, weight.dtype).to(weight.device)
+                self.image_newline = nn.Parameter(newline)
+        else:
+            self.mm_projector.requires_grad_(True)
+
+        path = getattr(model_args, "pretrain_mm_mlp_adapter", None)
+        if path:
+            state = projector_state_from(load_projector_weights(path), self.mm_projector, path)
+            self.mm_projector.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# The causal LM side: encode, reshape per merge type, merge
+# ----------------------------------------------------------------------------------------------
+
+
+class LlavaMetaForCausalLM:
+    """Mixin for the causal LM: image encoding and the multimodal merge. Needs ``get_model()``."""
+
+    def get_model(self) -> LlavaMetaModel:  # pragma: no cover - provided by the concrete class
+        raise NotImplementedError
+
+    def get_vision_tower(self) -> CLIPVisionTower | None:
+        return self.get_model().get_vision_tower()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] -> [n, P*P, h]."""
+        features = self.get_model().get_vision_tower()(images)  # [n, P*P, d_v]
+        return self.get_model().mm_projector(features)
+
+    def image_features(
+        self, images: torch.Tensor | list[torch.Tensor], image_sizes: list | None
+    ) -> list[torch.Tensor]:
+        """Per-image merged features [L_i, h]: stacked images are flat; lists / 5-D go by merge type."""
+        if not isinstance(images, list) and images.ndim == 4:
+            return list(self.encode_images(images))  # n_img x [P*P, h]
+        images = [x[None] if x.ndim == 3 else x for x in images]  # each [crops, 3, S, S]
+        if not images:
+            return []
+        features = self.encode_images(torch.cat(images))  # [sum crops, P*P, h]
+        per_image = torch.split(features, [x.shape[0] for x in images])
+        return [self._merge_crops(f, image_sizes, i) for i, f in enumerate(per_image)]
+
+    def _merge_crops(self, feature: torch.Tensor, image_sizes: list | None, index: int) -> torch.Tensor:
+        """[crops, P*P, h] of one image -> [L, h] per ``mm_patch_merge_type``."""
+        merge_type = getattr(self.config, "mm_patch_merge_type", "flat") or "flat"
+        if merge_type == "flat":
+            return feature.flatten(0, 1)
+        if not merge_type.startswith("spatial"):
+            raise ValueError(
+                f"unknown mm_patch_merge_type {merge_type!r}; use flat, spatial or spatial_unpad"
+            )
+        unpad = "unpad" in merge_type
+        if feature.shape[0] == 1:
+            return torch.cat([feature[0], self._newline(feature)[None]]) if unpad else feature[0]
+        aspect = getattr(self.config, "image_aspect_ratio", "square")
+        if not is_anyres(aspect):
+            raise ValueError(
+                f"{feature.shape[0]} crops per image need image_aspect_ratio anyres, got {aspect!r}"
+            )
+        if image_sizes is None:
+            raise ValueError("anyres images need image_sizes (one (w, h) per image)")
+        tower = self.get_vision_tower()
+        p = tower.num_patches_per_side
+        base, crops = feature[0], feature[1:]  # [P*P, h], [crops, P*P, h]
+        size = tuple(image_sizes[index])
+        num_w, num_h = get_anyres_image_grid_shape(
+            size, self.config.image_grid_pinpoints, tower.config.image_size
+        )
+        grid = crops.view(num_h, num_w, p, p, -1)  # [nh, nw, P, P, h]
+        if not unpad:
+            return torch.cat([base, grid.permute(0, 2, 1, 3, 4).flatten(0, 3)])  # [P*P + nh*nw*P*P, h]
+        fmap = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # [h, nh*P, nw*P]
+        fmap = unpad_image(fmap, size)  # [h, H', W']
+        max_patches = anyres_max_patches(aspect)
+        if max_patches is not None:
+            fmap = anyres_max_downscale(fmap, max_patches, p)
+        newline = self._newline(fmap)[:, None, None].expand(-1, fmap.shape[1], 1)  # [h, H', 1]
+        fmap = torch.cat([fmap, newline], dim=-1)  # [h, H', W'+1]
+        return torch.cat([base, fmap.flatten(1, 2).transpose(0, 1)])  # [P*P + H'*(W'+1), h]
+
+    def _newline(self, like: torch.Tensor) -> torch.Tensor:
+        newline = getattr(self.get_model(), "image_newline", None)
+        if newline is None:
+            raise ValueError("mm_patch_merge_type has 'unpad' but the model has no image_newline parameter")
+        return newline.to(device=like.device, dtype=like.dtype)
+
+    def _unused_mm_anchor(self) -> torch.Tensor:
+        """0 * (projector + newline): keeps them in the graph on an image-free batch (ZeRO-3 needs it)."""
+        model = self.get_model()
+        weight = model.embed_tokens.weight
+        dummy = weight.new_zeros(1, self.config.mm_hidden_size)
+        anchor = model.mm_projector(dummy).sum()
+        newline = getattr(model, "image_newline", None)
+        if newline is not None:
+            anchor = anchor + newline.sum()
+        return anchor * 0.0
+
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+        labels: torch.Tensor | None,
+        images: torch.Tensor | list[torch.Tensor] | None,
+        image_sizes: list | None = None,
+    ) -> tuple:
+        """Returns (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels).
+
+        Pass-through (input_ids returned, embeds None) for a decode step (s == 1) or with no tower, and
+        for image-free batches outside autograd. position_ids / attention_mask / labels come back None
+        when they came in None (original convention); the mask keeps its dtype.
+        """
+        tower = self.get_vision_tower()
+        if tower is None or input_ids.shape[1] == 1:
+            return input_ids, position_ids, attention_mask, past_key_values, None, labels
+        if images is None:
+            if not torch.is_grad_enabled():
+                return input_ids, position_ids, attention_mask, past_key_values, None, labels
+            embeds = self.get_model().embed_tokens(input_ids) + self._unused_mm_anchor()  # [b, s, h]
+            return None, position_ids, attention_mask, past_key_values, embeds, labels
+
+        features = self.image_features(images, image_sizes)
+        keep = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        is_image = (input_ids == IMAGE_TOKEN_INDEX) & keep  # [b, s]
+        used = select_used_images(is_image.sum(1), len(features))
+        if used is not None:
+            features = [features[i] for i in used.tolist()]
+        text_ids = input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0)  # [b, s]
+        text_embeds = self.get_model().embed_tokens(text_ids)  # [b, s, h]
+        if not features and torch.is_grad_enabled():
+            text_embeds = text_embeds + self._unused_mm_anchor()
+        full_labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
+        embeds, new_labels, mask, new_pos = merge_text_and_images(
+            text_embeds,
+            input_ids,
+            keep,
+            full_labels,
+            features,
+            getattr(self.config, "tokenizer_model_max_length", None),
+            getattr(self.config, "tokenizer_padding_side", "right") or "right",
+        )
+        new_mask = None if attention_mask is None else mask.to(attention_mask.dtype)
+        new_pos = None if position_ids is None else new_pos.to(position_ids.dtype)
+        new_labels = None if labels is None else new_labels
+        return None, new_pos, new_mask, past_key_values, embeds, new_labels
+
+    def initialize_vision_tokenizer(self, model_args: Any, tokenizer: Any) -> None:
+        """Add <im_patch> / <im_start>,<im_end> as the original; new embedding rows = mean of the old."""
+        tune_adapter = getattr(model_args, "tune_mm_mlp_adapter", False)
+        if getattr(model_args, "mm_use_im_patch_token", False):
+            tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
+            self.resize_token_embeddings(len(tokenizer))
+        if getattr(model_args, "mm_use_im_start_end", False):
+            num_new = tokenizer.add_tokens(
+                [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True
+            )
+            self.resize_token_embeddings(len(tokenizer))
+            if num_new > 0:
+                self._mean_init_new_rows(num_new)
+            if tune_adapter:
+                self.get_input_embeddings().requires_grad_(True)
+                self.get_output_embeddings().requires_grad_(False)
+            path = getattr(model_args, "pretrain_mm_mlp_adapter", None)
+            if path:
+                self._load_pretrained_token_rows(path, num_new)
+        elif getattr(model_args, "mm_use_im_patch_token", False) and tune_adapter:
+            self.get_input_embeddings().requires_grad_(False)
+            self.get_output_embeddings().requires_grad_(False)
+
+    @torch.no_grad()
+    def _mean_init_new_rows(self, num_new: int) -> None:
+        for weight in (self.get_input_embeddings().weight, self.get_output_embeddings().weight):
+            weight[-num_new:] = weight[:-num_new].mean(dim=0, keepdim=True)
+
+    @torch.no_grad()
+    def _load_pretrained_token_rows(self, path: str, num_new: int) -> None:
+        saved = load_projector_weights(path).get("model.embed_tokens.weight")
+        if saved is None:
+            return
+        weight = self.get_input_embeddings().weight
+        if saved.shape == weight.shape:
+            weight[-num_new:] = saved[-num_new:]
+        elif saved.shape[0] == num_new:
+            weight[-num_new:] = saved
+        else:
+            raise ValueError(
+                f"embed_tokens in {path} has shape {tuple(saved.shape)}; expected {tuple(weight.shape)} "
+                f"or ({num_new}, {weight.shape[1]}) for the {num_new} new image tokens"
+            )
