@@ -1,0 +1,110 @@
+"""Anyres geometry and feature counts agree with transformers' LlavaNext / LlavaOnevision.
+
+transformers uses (height, width) for image sizes and pinpoints; we use (width, height). Every
+comparison passes the swapped pairs in the same order.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.llava_next import modeling_llava_next as hf_next
+from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+from llava_train.model import ModelConfig, build_model
+from llava_train.model.anyres import (
+    get_anyres_image_grid_shape,
+    num_image_tokens,
+    parse_grid_pinpoints,
+    select_best_resolution,
+    unpad_image,
+)
+
+V16 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+TINY = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+PINPOINT_SETS = [(V16, 336, 14), (TINY, 56, 14), ("(1x1),...,(3x3)", 336, 14)]
+
+
+def _sizes(seed: int, count: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    fixed = [(1, 1), (336, 336), (672, 336), (336, 672), (1000, 3), (3, 1000), (504, 336), (2000, 1999)]
+    return fixed + [(rng.randint(1, 2000), rng.randint(1, 2000)) for _ in range(count)]
+
+
+def _hf_features(processor_cls, pinpoints_hw, size, crop, patch, aspect=None) -> int:
+    """transformers' processor feature count for one (w, h) image, without CLS tokens."""
+    fake = SimpleNamespace(
+        image_processor=SimpleNamespace(image_grid_pinpoints=pinpoints_hw),
+        patch_size=patch,
+        num_additional_image_tokens=0,
+        num_image_tokens=(crop // patch) ** 2,
+        vision_aspect_ratio=aspect,
+    )
+    fake._get_unpadded_features = lambda *a: processor_cls._get_unpadded_features(fake, *a)
+    width, height = size
+    return processor_cls._get_number_of_features(fake, height, width, crop, crop)
+
+
+@pytest.mark.parametrize("pinpoints,crop,patch", PINPOINT_SETS)
+def test_geometry_matches_transformers(pinpoints, crop, patch):
+    ours = parse_grid_pinpoints(pinpoints, crop)
+    hf = [[h, w] for w, h in ours]
+    side = crop // patch
+    for w, h in _sizes(0, 300):
+        best_w, best_h = select_best_resolution((w, h), ours)
+        assert hf_next.select_best_resolution((h, w), hf) == (best_h, best_w)
+        num_w, num_h = get_anyres_image_grid_shape((w, h), pinpoints, crop)
+        assert hf_next.get_anyres_image_grid_shape((h, w), hf, crop) == (num_h, num_w)
+        assert hf_next.image_size_to_num_patches((h, w), hf, crop) == 1 + num_w * num_h
+        fmap = torch.arange(num_h * side * num_w * side, dtype=torch.float32).view(
+            1, num_h * side, num_w * side
+        )
+        torch.testing.assert_close(unpad_image(fmap, (w, h)), hf_next.unpad_image(fmap, (h, w)))
+
+
+@pytest.mark.parametrize("pinpoints,crop,patch", PINPOINT_SETS)
+def test_feature_count_matches_transformers(pinpoints, crop, patch):
+    hf = [[h, w] for w, h in parse_grid_pinpoints(pinpoints, crop)]
+    common = dict(mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=pinpoints, crop_size=crop)
+    for size in _sizes(1, 200):
+        ours = num_image_tokens(size, image_aspect_ratio="anyres", patches_per_side=crop // patch, **common)
+        assert ours == _hf_features(LlavaNextProcessor, hf, size, crop, patch), size
+        for n in (1, 4, 9):
+            aspect = f"anyres_max_{n}"
+            ours = num_image_tokens(size, image_aspect_ratio=aspect, patches_per_side=crop // patch, **common)
+            assert ours == _hf_features(LlavaOnevisionProcessor, hf, size, crop, patch, aspect), (size, n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64)).eval()
+
+
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_1", "anyres_max_2"])
+@pytest.mark.parametrize("merge", ["flat", "spatial", "spatial_unpad"])
+def test_model_feature_length_matches_num_image_tokens(tiny_model, aspect, merge):
+    model = tiny_model
+    model.config.image_aspect_ratio, model.config.mm_patch_merge_type = aspect, merge
+    tower = model.get_vision_tower()
+    sizes = _sizes(2, 12)
+    images = []
+    for size in sizes:
+        num_w, num_h = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, tower.image_size)
+        images.append(torch.randn(1 + num_w * num_h, 3, tower.image_size, tower.image_size))
+    with torch.no_grad():
+        features = model.image_features(images, sizes)
+    for size, feature in zip(sizes, features):
+        expected = num_image_tokens(
+            size,
+            image_aspect_ratio=aspect,
+            mm_patch_merge_type=merge,
+            image_grid_pinpoints=model.config.image_grid_pinpoints,
+            crop_size=tower.image_size,
+            patches_per_side=tower.num_patches_per_side,
+        )
+        assert feature.shape == (expected, model.config.hidden_size), size
