@@ -1,0 +1,301 @@
+"""One typed config tree for training, validated when it is loaded.
+
+Hydra composes `conf/config.yaml` and its groups (stage/ model/ data/ deepspeed/ fsdp/ eval/) on top of the
+`Config` dataclass registered here as `llava_train_schema`. Every node is a dataclass, so an unknown key or a
+value of the wrong type fails at start-up (OmegaConf `ValidationError` / Hydra `ConfigCompositionException`,
+both naming the full key), never three hours into a run. The model package owns `ModelConfig` and the data
+package owns `DataConfig`; this module owns the stage, training, distributed and eval nodes and glues them.
+
+Choices are Enums: a wrong choice (`stage=finetuen`, `training.precision=bf61`) lists the valid values.
+Defaults live in the dataclasses; the stage presets in conf/stage/*.yaml hold LLaVA-1.5's hyperparameters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from llava_train.data.config import DataConfig
+from llava_train.model.builder import ModelConfig
+
+# conf/ sits next to the package in the repository (the project is installed editable).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Config groups selected in conf/config.yaml's defaults list (each has a `null`/default entry there).
+CONFIG_GROUPS = ("model", "data", "deepspeed", "fsdp", "eval", "stage")
+
+
+class StageName(str, Enum):
+    pretrain = "pretrain"  # stage 1: projector only (feature alignment)
+    finetune = "finetune"  # stage 2: LLM + projector
+    finetune_lora = "finetune_lora"  # stage 2 with LoRA on the LLM's linear layers
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on a CUDA GPU that supports it, else fp32 (bf16 autocast on CPU is ~23x slower)
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA on the LLM's decoder layers only (never the vision tower, the projector or lm_head)."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    # Module names, matched only under `layers_regex` (the CLIP tower also has q_proj/k_proj/v_proj).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    layers_regex: str = r"model\.layers\.\d+\.(self_attn|mlp)"
+    bias: str = "none"
+    # QLoRA: 4-bit NF4 base weights through bitsandbytes; needs a CUDA GPU (refused on CPU).
+    qlora: bool = False
+
+
+@dataclass
+class StageConfig:
+    """What trains in a stage. Applied by `llava_train.train.stages.apply_stage` in one place."""
+
+    name: StageName = MISSING
+    tune_projector: bool = True
+    # The random tiny demo tower must train; LLaVA's CLIP tower stays frozen (LLaVA-1.6 tunes it, lr 2e-6).
+    tune_vision_tower: bool = False
+    # Stage-1 projector weights for stage 2: an explicit file (mm_projector.safetensors / .bin), never guessed.
+    # Mandatory in every stage YAML (null = start from the random init on purpose).
+    pretrain_mm_mlp_adapter: str | None = MISSING
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def tune_llm(self) -> str:
+        return {"pretrain": "frozen", "finetune": "full", "finetune_lora": "lora"}[StageName(self.name).value]
+
+
+@dataclass
+class TrainingConfig:
+    """Optimizer, schedule, batch, logging, checkpointing. Mapped onto transformers.TrainingArguments."""
+
+    name: str = "llava"
+    # Same on every rank (no timestamps): Hydra's run dir and the Trainer's output_dir.
+    run_dir: str = "runs/${training.name}"
+    seed: int = 42
+    # Continue from the latest COMPLETE checkpoint under run_dir (partial ones are reported and skipped).
+    resume: bool = False
+
+    learning_rate: float = 2e-5
+    mm_projector_lr: float | None = None
+    mm_vision_tower_lr: float | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    # The setting; gradient accumulation = global / (per_device * world_size), must divide exactly.
+    global_batch_size: int = 128
+    per_device_batch_size: int = 16
+    precision: Precision = Precision.auto
+    gradient_checkpointing: bool = False
+    group_by_modality_length: bool = False
+    dataloader_num_workers: int = 0
+
+    logging_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    progress_bar: bool = True
+    report_to_wandb: bool = True
+    wandb_mode: WandbMode = WandbMode.offline  # WANDB_MODE in the environment wins (tests set `disabled`)
+    wandb_project: str = "llava-train"
+    loss_plot: bool = True  # loss_curve.png in run_dir at the end
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "none"
+    # JSON file; a relative path is resolved against conf/deepspeed/. None: no DeepSpeed.
+    config_file: str | None = None
+
+
+@dataclass
+class FsdpConfig:
+    """PyTorch FSDP through the Trainer (GPU only; the Trainer cannot run FSDP on CPU)."""
+
+    enabled: bool = False
+    sharding: str = "full_shard auto_wrap"
+    transformer_layer_cls_to_wrap: list[str] = field(default_factory=lambda: ["LlamaDecoderLayer"])
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Placeholder for held-out evaluation during training (the eval package owns the metrics)."""
+
+    enabled: bool = False
+    data_path: str | None = None
+    eval_steps: int = 500
+    per_device_batch_size: int = 8
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Config:
+    # The LLM's tokenizer: "mistral" / "smollm2" (offline assets) or a local directory; set by model/*.yaml.
+    tokenizer: str = "mistral"
+    # Paths every model / data YAML must state (null for "none"): "???" in the schema makes them mandatory,
+    # so a `???` placeholder in a YAML stays missing until the command line fills it.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(llm_path=MISSING, vision_tower=MISSING))
+    data: DataConfig = field(default_factory=lambda: DataConfig(data_path=MISSING, image_folder=MISSING))
+    stage: StageConfig = field(default_factory=StageConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _smollm2_135m() -> str:
+    from llava_train.pretrained import smollm2_135m_checkpoint
+
+    return str(smollm2_135m_checkpoint())
+
+
+# `${llava_pretrained:NAME}` in a YAML: the local directory of a converted pretrained checkpoint. Resolved
+# (and converted on first use, cached) only when the value is read.
+PRETRAINED = {"smollm2_135m": _smollm2_135m}
+
+
+def _resolve_pretrained(name: str) -> str:
+    if name not in PRETRAINED:
+        raise KeyError(f"${{llava_pretrained:{name}}}: unknown name; known: {sorted(PRETRAINED)}")
+    return PRETRAINED[name]()
+
+
+def register_configs() -> None:
+    """Register the schema and resolvers with Hydra / OmegaConf (idempotent; called by entry points and tests)."""
+    ConfigStore.instance().store(name="llava_train_schema", node=Config)
+    if not OmegaConf.has_resolver("llava_pretrained"):
+        OmegaConf.register_new_resolver("llava_pretrained", lambda name: _resolve_pretrained(name))
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Make launcher and Hydra agree on the command line.
+
+    - The `deepspeed` launcher appends `--local_rank=N`, which Hydra rejects: drop it (LOCAL_RANK is in the env).
+    - conf/config.yaml lists every group (`stage: null` included) so that `stage=finetune` works; Hydra then
+      refuses `+stage=finetune` ("Multiple values for stage"), the form the README and the original LLaVA
+      scripts use. `+group=x` for a group of the defaults list means the same as `group=x`: rewrite it.
+    """
+    out = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if re.fullmatch(r"--local[_-]rank=\d+", arg):
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+            continue
+        m = re.fullmatch(r"\+([a-z_]+)=(.*)", arg)
+        if m and m.group(1) in CONFIG_GROUPS:
+            arg = f"{m.group(1)}={m.group(2)}"
+        out.append(arg)
+    return out
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """Resolve and validate a composed config into dataclass instances; fail with the fix in the message."""
+    if OmegaConf.is_missing(cfg.stage, "name"):
+        raise ValueError(
+            "No stage chosen. Add one of: stage=pretrain | stage=finetune | stage=finetune_lora "
+            "(`+stage=...` works too), e.g. `python launch/train.py stage=pretrain`."
+        )
+    missing = missing_keys(cfg)
+    if missing:
+        raise ValueError(
+            f"Missing mandatory values: {missing}. Set them on the command line, e.g. `{missing[0]}=/path/...`"
+            " (stage.pretrain_mm_mlp_adapter=null starts stage 2 from a random projector on purpose)."
+        )
+    typed: Config = OmegaConf.to_object(cfg)
+    check_consistency(typed)
+    return typed
+
+
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys still `???` (without resolving interpolations, which would fail on them first)."""
+
+    def walk(node, prefix: str):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}{k}.")
+        elif node == "???":
+            yield prefix[:-1]
+
+    return sorted(walk(OmegaConf.to_container(cfg, resolve=False), ""))
+
+
+def check_consistency(cfg: Config) -> None:
+    """Cross-field checks the types cannot express."""
+    t = cfg.training
+    if t.global_batch_size <= 0 or t.per_device_batch_size <= 0:
+        raise ValueError(
+            f"training.global_batch_size ({t.global_batch_size}) and training.per_device_batch_size "
+            f"({t.per_device_batch_size}) must be positive."
+        )
+    if cfg.deepspeed.config_file and cfg.fsdp.enabled:
+        raise ValueError("Choose DeepSpeed or FSDP, not both: set deepspeed=none or fsdp=none.")
+    if cfg.stage.name == StageName.finetune_lora and not cfg.stage.lora.target_modules:
+        raise ValueError("stage.lora.target_modules is empty: LoRA would train nothing.")
+    if cfg.model.pretrain_mm_mlp_adapter:
+        raise ValueError(
+            "model.pretrain_mm_mlp_adapter is set: use stage.pretrain_mm_mlp_adapter instead (the stage loads it)."
+        )
+    if cfg.eval.enabled:
+        raise NotImplementedError(
+            "eval during training is not wired into the trainer yet: use eval=none and run launch/eval.py on "
+            "the saved model."
+        )
+    if cfg.stage.lora.qlora and cfg.stage.name != StageName.finetune_lora:
+        raise ValueError("stage.lora.qlora=true only applies to stage=finetune_lora.")
+
+
+def deepspeed_config_path(cfg: DeepSpeedConfig) -> str | None:
+    """Absolute path of the DeepSpeed JSON (relative paths are under conf/deepspeed/), or None."""
+    if not cfg.config_file:
+        return None
+    path = Path(cfg.config_file)
+    if not path.is_absolute():
+        path = CONF_DIR / "deepspeed" / path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"DeepSpeed config {path} not found (deepspeed.config_file={cfg.config_file!r})."
+        )
+    return str(path)
+
+
+def gradient_accumulation_steps(global_batch: int, per_device: int, world_size: int) -> int:
+    """global = per_device * world_size * accumulation, exactly; otherwise say which numbers would work."""
+    per_step = per_device * world_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"training.global_batch_size={global_batch} is not a multiple of per_device_batch_size={per_device}"
+            f" x world_size={world_size} (= {per_step}). Pick a global batch that is a multiple of {per_step}, "
+            f"or a per-device batch that divides {global_batch // world_size if global_batch % world_size == 0 else global_batch}."
+        )
+    return global_batch // per_step

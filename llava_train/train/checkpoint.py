@@ -1,0 +1,160 @@
+"""Checkpoint files per stage, atomic checkpoint directories, and finding the latest complete one.
+
+Layout of `<run_dir>/checkpoint-<step>/` (written by `LlavaTrainer`):
+
+    pretrain       mm_projector.safetensors        projector (+ image_newline), original key names
+                   vision_tower.safetensors        only when the tower trains
+    finetune_lora  adapter_model.safetensors + adapter_config.json   (peft)
+                   non_lora_trainables.safetensors projector, image_newline, [vision tower], original keys
+    finetune       model.safetensors (+ config.json)                 the full model
+    all            trainer_state.json, optimizer.pt, scheduler.pt, rng_state*.pth (or DeepSpeed's
+                   global_step*/ under DeepSpeed), config.json of the LLaVA model, COMPLETE
+
+A checkpoint is written under `<run_dir>/.staging/checkpoint-<step>`, renamed into place, and then marked
+with the `COMPLETE` file. A directory without the marker is a partial write (a crash or a kill during
+save): `latest_complete_checkpoint` reports and skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llava_train.train.stages import component_of, original_name
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+STAGING_DIR = ".staging"
+PROJECTOR_FILE = "mm_projector.safetensors"
+VISION_TOWER_FILE = "vision_tower.safetensors"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+_CKPT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoints(run_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(complete, partial) checkpoint directories of a run, each sorted by step."""
+    run = Path(run_dir)
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in run.glob("checkpoint-*")
+        if (m := _CKPT_RE.fullmatch(p.name)) and p.is_dir()
+    )
+    complete = [p for _, p in found if (p / COMPLETE_MARKER).is_file()]
+    partial = [p for _, p in found if not (p / COMPLETE_MARKER).is_file()]
+    return complete, partial
+
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint with a completion marker; partial ones are logged and skipped."""
+    complete, partial = checkpoints(run_dir)
+    for p in partial:
+        logger.warning(
+            "ignoring partial checkpoint %s (no %s marker: the save was interrupted)", p, COMPLETE_MARKER
+        )
+    return complete[-1] if complete else None
+
+
+def finalize_checkpoint(staged: Path, final: Path, step: int) -> None:
+    """Rename a fully written staging directory into place, then mark it complete (rank 0 only)."""
+    if final.exists():  # an older incomplete (or superseded) write of the same step
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = final / (COMPLETE_MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker) + "\n")
+    os.replace(tmp, final / COMPLETE_MARKER)
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, keep: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (partial ones are left for inspection)."""
+    if not keep or keep <= 0:
+        return
+    complete, _ = checkpoints(run_dir)
+    for p in complete[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage (tied weights, views).
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_stage_weights(out_dir: str, stage: str, state_dict: dict, trainable: set[str]) -> list[str]:
+    """Write the stage's weight files (see module docstring); returns the file names written.
+
+    `state_dict` may be the full model's (ZeRO-3 gathered) or only the trainable parameters
+    (Trainer's ZeRO-3 + peft path); `trainable` holds the names with requires_grad.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    if stage == "pretrain":
+        proj = {
+            original_name(k): v
+            for k, v in state_dict.items()
+            if component_of(k) in ("projector", "image_newline")
+        }
+        save_file(_tensors(proj), os.path.join(out_dir, PROJECTOR_FILE), metadata={"format": "pt"})
+        written.append(PROJECTOR_FILE)
+        tower = {
+            original_name(k): v
+            for k, v in state_dict.items()
+            if k in trainable and component_of(k) == "vision_tower"
+        }
+        if tower:
+            save_file(_tensors(tower), os.path.join(out_dir, VISION_TOWER_FILE), metadata={"format": "pt"})
+            written.append(VISION_TOWER_FILE)
+    elif stage == "finetune_lora":
+        rest = {
+            original_name(k): v for k, v in state_dict.items() if k in trainable and component_of(k) != "lora"
+        }
+        save_file(_tensors(rest), os.path.join(out_dir, NON_LORA_FILE), metadata={"format": "pt"})
+        written.append(NON_LORA_FILE)
+    else:
+        raise ValueError(f"save_stage_weights handles pretrain / finetune_lora, not {stage!r}")
+    return written
+
+
+def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, stage: str) -> None:
+    """Load a pretrain / finetune_lora checkpoint's weights back into `model` (resume without DeepSpeed).
+
+    Every trainable parameter must be covered; a missing one means the checkpoint is not from this stage.
+    """
+    ckpt = Path(ckpt_dir)
+    params = dict(model.named_parameters())
+    by_original = {original_name(n): p for n, p in params.items()}
+    loaded: set[str] = set()
+    files = [PROJECTOR_FILE, VISION_TOWER_FILE] if stage == "pretrain" else [NON_LORA_FILE]
+    for fname in files:
+        if not (ckpt / fname).is_file():
+            continue
+        for key, value in load_file(str(ckpt / fname)).items():
+            if key not in by_original:
+                raise KeyError(f"{ckpt / fname}: key {key!r} is not a parameter of this model")
+            with torch.no_grad():
+                by_original[key].copy_(value)
+            loaded.add(key)
+    if stage == "finetune_lora":
+        from peft import set_peft_model_state_dict
+
+        adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, adapter)
+        bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+        if bad:
+            raise KeyError(f"{ckpt}: adapter keys not in the model: {bad[:4]}")
+        loaded |= {original_name(n) for n in params if component_of(n) == "lora"}
+    missing = [n for n, p in params.items() if p.requires_grad and original_name(n) not in loaded]
+    if missing:
+        raise ValueError(
+            f"checkpoint {ckpt} lacks {len(missing)} trainable parameters (e.g. {missing[:3]}): "
+            f"it was not written by a `{stage}` run of this model."
+        )

@@ -1,0 +1,135 @@
+"""The steps launch/train.py calls in order, each a small function of the typed config.
+
+1 setup_run        seed, run dir, resolved config.yaml (rank 0)
+2 build_tokenizer  llava_train.data.load_tokenizer(cfg.tokenizer)
+3 build_model      llava_train.model.build_model(cfg.model, tokenizer)
+4 apply_stage      llava_train.train.stages.apply_stage(model, cfg.stage)
+5 build_data       dataset + collator, the data config checked against the model's image settings
+6 build_trainer    TrainingArguments + LlavaTrainer
+7 train            resume from the latest complete checkpoint when training.resume
+8 save_final       stage weights into run_dir, loss_curve.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from llava_train.config import Config, StageName
+from llava_train.train import checkpoint as ckpt
+from llava_train.train.trainer import LlavaTrainer, build_training_args, plot_loss_curve
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_run(cfg: Config, raw: DictConfig) -> Path:
+    """Seed everything, create the run dir, write the resolved config there (rank 0). Returns the run dir."""
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)
+    run_dir = Path(cfg.training.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        OmegaConf.save(raw, run_dir / "config.yaml", resolve=True)
+    logger.info("run dir %s (world size %s)", run_dir.resolve(), os.environ.get("WORLD_SIZE", "1"))
+    return run_dir
+
+
+def build_tokenizer(cfg: Config) -> Any:
+    from llava_train.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer)
+
+
+def build_model(cfg: Config, tokenizer: Any) -> Any:
+    from llava_train.model import build_model as _build
+
+    model = _build(cfg.model, tokenizer)
+    model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
+    return model
+
+
+def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
+    """(train dataset, collator). Image settings must agree between data and model; pinpoints come from
+    the model when the data config has none."""
+    from llava_train.data.collator import DataCollator
+    from llava_train.data.config import VisionSpec
+    from llava_train.data.dataset import build_dataset
+    from llava_train.data.image import build_image_processor
+
+    config = _base_config(model)
+    data_cfg = cfg.data
+    if data_cfg.image_aspect_ratio != config.image_aspect_ratio:
+        raise ValueError(
+            f"data.image_aspect_ratio={data_cfg.image_aspect_ratio!r} but the model uses "
+            f"{config.image_aspect_ratio!r}: set data.image_aspect_ratio={config.image_aspect_ratio}."
+        )
+    if data_cfg.image_grid_pinpoints is None and config.image_grid_pinpoints:
+        data_cfg = dataclasses.replace(data_cfg, image_grid_pinpoints=json.dumps(config.image_grid_pinpoints))
+    if data_cfg.model_max_length > config.tokenizer_model_max_length:
+        raise ValueError(
+            f"data.model_max_length={data_cfg.model_max_length} exceeds the model's truncation length "
+            f"{config.tokenizer_model_max_length}: samples would be cut inside the model."
+        )
+    vision = VisionSpec.from_model_config(config)
+    processor = build_image_processor(vision.crop_size)
+    dataset = build_dataset(data_cfg, tokenizer, processor, vision)
+    collator = DataCollator(tokenizer, padding_side=config.tokenizer_padding_side or "right")
+    logger.info("train data: %d records from %s", len(dataset), data_cfg.data_path)
+    return dataset, collator
+
+
+def build_trainer(cfg: Config, model: Any, tokenizer: Any, dataset: Any, collator: Any) -> LlavaTrainer:
+    args = build_training_args(cfg)
+    if cfg.training.gradient_checkpointing:
+        # Frozen embeddings give the first checkpointed block no input that requires grad.
+        model.enable_input_require_grads()
+    return LlavaTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        llava_cfg=cfg,
+    )
+
+
+def train(trainer: LlavaTrainer, cfg: Config) -> Any:
+    """trainer.train(), resuming from the latest complete checkpoint when training.resume is set."""
+    resume = None
+    if cfg.training.resume:
+        resume = ckpt.latest_complete_checkpoint(cfg.training.run_dir)
+        if resume is None:
+            logger.warning(
+                "training.resume=true but %s has no complete checkpoint: starting fresh", cfg.training.run_dir
+            )
+        else:
+            logger.info("resuming from %s", resume)
+    return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def save_final(trainer: LlavaTrainer, cfg: Config) -> Path:
+    """Stage weights into run_dir (mm_projector.safetensors / adapter + non-LoRA / full model), loss curve."""
+    run_dir = Path(cfg.training.run_dir)
+    trainer.save_model(str(run_dir))  # collective under ZeRO-3: every rank calls it
+    if trainer.args.should_save:
+        if cfg.training.loss_plot:
+            plot_loss_curve(trainer.state.log_history, run_dir / "loss_curve.png")
+        stage = StageName(cfg.stage.name).value
+        logger.info("saved %s weights to %s", stage, run_dir)
+    return run_dir
+
+
+def _base_config(model: Any) -> Any:
+    get_base = getattr(model, "get_base_model", None)
+    return (get_base() if get_base else model).config

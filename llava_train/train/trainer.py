@@ -1,0 +1,280 @@
+"""A thin `transformers.Trainer` subclass for LLaVA, and its TrainingArguments.
+
+What the subclass changes, and only that:
+- optimizer parameter groups: no weight decay on biases / norms / 1-D params; `mm_projector_lr` and
+  `mm_vision_tower_lr` for the projector (+ image_newline) and the vision tower;
+- the train sampler: the data package's modality-length grouping when `data.group_by_modality_length`;
+- `num_items_in_batch`: supervised tokens counted the way the model's loss counts them (below);
+- what a checkpoint holds per stage (llava_train/train/checkpoint.py), written atomically;
+- resume without DeepSpeed for the projector-only and LoRA checkpoints.
+
+Loss normalisation across gradient accumulation. The model returns sum(token CE) / num_items_in_batch when
+the Trainer passes `num_items_in_batch`, and the Trainer does not divide again by the accumulation steps, so
+the gradient of one optimizer step is d(sum of all CE over the accumulated micro-batches) / (their supervised
+tokens) — the same as one big batch. The model drops each row's first position when it shifts the labels;
+image placeholders expand to many positions but carry IGNORE_INDEX, so the count is: labels != IGNORE_INDEX
+over the attended positions, minus each row's first attended position. (Trainer 5.24 counts
+`labels[..., 1:]`, which is the same for right padding but not for left padding.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from llava_train.config import (
+    Config,
+    Precision,
+    StageName,
+    deepspeed_config_path,
+    gradient_accumulation_steps,
+)
+from llava_train.constants import IGNORE_INDEX
+from llava_train.train import checkpoint as ckpt
+from llava_train.train.stages import component_of
+
+logger = logging.getLogger(__name__)
+
+
+def count_supervised_tokens(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions the model's shifted cross-entropy scores: labels != IGNORE_INDEX, minus each row's first
+    attended position (it is never a prediction target). [b, s] -> scalar."""
+    valid = labels.ne(IGNORE_INDEX)  # [b, s]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(valid)
+    attention_mask = attention_mask.bool()
+    valid &= attention_mask
+    first = attention_mask.long().argmax(dim=1)  # [b] first attended position of each row
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    dropped = valid[rows, first] & attention_mask[rows, first]
+    return valid.sum() - dropped.sum()
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArguments:
+    """Map the typed config onto TrainingArguments; check world size and batch arithmetic."""
+    t = cfg.training
+    run_dir = run_dir or t.run_dir
+    world = world_size_from_env()
+    cuda = torch.cuda.is_available()
+    if cfg.fsdp.enabled and not cuda:
+        raise RuntimeError(
+            "fsdp is GPU-only here: the Trainer cannot run FSDP on CPU. Use fsdp=none, and deepspeed=zero2 or "
+            "deepspeed=zero3 for sharded training on CPU."
+        )
+    precision = Precision(t.precision)
+    if precision == Precision.auto:
+        precision = Precision.bf16 if cuda and torch.cuda.is_bf16_supported() else Precision.fp32
+    if precision in (Precision.bf16, Precision.fp16) and not cuda:
+        logger.warning("precision=%s on CPU: autocast is ~23x slower than fp32 here.", precision.value)
+    accumulation = gradient_accumulation_steps(t.global_batch_size, t.per_device_batch_size, world)
+    report_to = "none"
+    if t.report_to_wandb and os.environ.setdefault("WANDB_MODE", t.wandb_mode.value) != "disabled":
+        report_to = "wandb"
+        os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+    fsdp_kwargs = {}
+    if cfg.fsdp.enabled:
+        sharding = cfg.fsdp.sharding + (" offload" if cfg.fsdp.cpu_offload else "")
+        fsdp_kwargs = {
+            "fsdp": sharding,
+            "fsdp_config": {
+                "transformer_layer_cls_to_wrap": list(cfg.fsdp.transformer_layer_cls_to_wrap),
+                "activation_checkpointing": cfg.fsdp.activation_checkpointing,
+            },
+        }
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        run_name=t.name,
+        seed=t.seed,
+        data_seed=t.seed,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # < 1: a ratio of the total steps (Trainer 5.x)
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=accumulation,
+        bf16=precision == Precision.bf16,
+        fp16=precision == Precision.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        dataloader_num_workers=cfg.data.num_workers,
+        remove_unused_columns=False,  # the collator builds the model's kwargs itself
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation of complete checkpoints is ours (checkpoint.rotate_checkpoints)
+        report_to=report_to,
+        disable_tqdm=not t.progress_bar,
+        use_cpu=not cuda,  # without it the Trainer on CPU ignores WORLD_SIZE: N processes, N separate models
+        ddp_backend="gloo" if not cuda and world > 1 else None,
+        deepspeed=deepspeed_config_path(cfg.deepspeed),
+        average_tokens_across_devices=True,
+        **fsdp_kwargs,
+    )
+    if args.world_size != world:
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={world} processes but the Trainer sees world_size="
+            f"{args.world_size}: each process would train its own model. On CPU the Trainer needs use_cpu=True "
+            "and a process group backend (gloo); check the launcher's environment (RANK, LOCAL_RANK, MASTER_ADDR)."
+        )
+    return args
+
+
+class LlavaTrainer(Trainer):
+    """transformers.Trainer + LLaVA's param groups, sampler, token-count loss scaling and stage checkpoints."""
+
+    def __init__(self, *args, llava_cfg: Config, **kwargs):
+        self.llava_cfg = llava_cfg
+        super().__init__(*args, **kwargs)
+
+    # ---- optimizer -------------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        self.optimizer = torch.optim.AdamW(
+            optimizer_groups(self.model if model is None else model, self.llava_cfg),
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+        )
+        return self.optimizer
+
+    # ---- sampler ---------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.llava_cfg.data.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        from llava_train.data.sampler import build_length_grouped_sampler
+
+        return build_length_grouped_sampler(
+            dataset,
+            batch_size=self.args.train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            group_by_modality=True,
+            seed=self.args.seed,
+        )
+
+    # ---- loss ------------------------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        if not batch_samples or "labels" not in batch_samples[0] or not self.model_accepts_loss_kwargs:
+            return None
+        n = sum(count_supervised_tokens(b["labels"], b.get("attention_mask")) for b in batch_samples)
+        n = torch.as_tensor(n, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            n = self.accelerator.gather(n).sum()
+        return n
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_ids = inputs.pop("sample_ids", None)
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        except Exception as e:
+            if sample_ids is not None:
+                e.add_note(f"batch sample ids: {list(sample_ids)}")
+            raise
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is written, the Trainer writes it under the staging dir (see _save_checkpoint).
+        staging = getattr(self, "_staging_parent", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_parent = str(run_dir / ckpt.STAGING_DIR)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_parent = None
+        self.accelerator.wait_for_everyone()  # every rank's shards (DeepSpeed, rng states) are written
+        if self.args.should_save:
+            ckpt.finalize_checkpoint(
+                run_dir / ckpt.STAGING_DIR / name, run_dir / name, self.state.global_step
+            )
+            ckpt.rotate_checkpoints(run_dir, self.llava_cfg.training.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        stage = StageName(self.llava_cfg.stage.name).value
+        if stage == "finetune":
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state_dict = model.state_dict()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        ckpt.save_stage_weights(output_dir, stage, state_dict, trainable)
+        if stage == "finetune_lora":
+            lora_state = {k: v for k, v in state_dict.items() if component_of(k) == "lora"}
+            model.save_pretrained(output_dir, state_dict=lora_state, safe_serialization=True)
+            model.get_base_model().config.save_pretrained(output_dir)
+        else:
+            model.config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        stage = StageName(self.llava_cfg.stage.name).value
+        if stage == "finetune":
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        ckpt.load_trainables(self.model if model is None else model, resume_from_checkpoint, stage)
+        logger.info("resumed %s weights from %s", stage, resume_from_checkpoint)
+
+
+def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups: (component LR) x (decay or not). Biases, norms and 1-D params get no weight decay."""
+    t = cfg.training
+    lrs = {
+        "projector": t.mm_projector_lr,
+        "image_newline": t.mm_projector_lr,
+        "vision_tower": t.mm_vision_tower_lr,
+    }
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = lrs.get(component_of(name)) or t.learning_rate
+        no_decay = p.ndim < 2 or "bias" in name or "norm" in name.lower()
+        wd = 0.0 if no_decay else t.weight_decay
+        groups.setdefault((lr, wd), []).append(p)
+    if not groups:
+        raise ValueError("no trainable parameters: the stage froze everything (see the stage table above)")
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | None:
+    """Training loss per logged step as a PNG (matplotlib Agg); None when nothing was logged."""
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*points), marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
