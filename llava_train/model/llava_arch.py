@@ -8,7 +8,7 @@ the original LLaVA computes (seed, section 3): drop tokens outside the attention
 ``IMAGE_TOKEN_INDEX`` placeholder by that image's features (labels IGNORE_INDEX), truncate to
 ``tokenizer_model_max_length``, pad left or right. It is vectorised: every kept token gets an
 expanded length (1 for text, L_i for an image), a cumulative sum gives each token's output start,
-and one ``index_put`` writes text embeddings and image features together. What remains a Python loop
+and two indexed writes into a fresh buffer place the text embeddings and the image features. What remains a Python loop
 is the per-image feature reshaping for anyres (grid shape, unpad, newline), one step per image.
 """
 
@@ -132,15 +132,19 @@ def merge_text_and_images(
     img_pos = start[is_image].repeat_interleave(lengths) + torch.arange(len(img_row), device=device) - first
     img_fit = img_pos < new_len[img_row]
 
-    rows = torch.cat([text_row[text_fit], img_row[img_fit]])
-    cols = torch.cat([text_pos[text_fit], img_pos[img_fit]]) + offset[rows]
+    text_row, text_col, text_pos = text_row[text_fit], text_col[text_fit], text_pos[text_fit]
+    text_dst = text_row * out_len + text_pos + offset[text_row]  # [n_text] flat output index
     features = torch.cat(image_features) if image_features else text_embeds.new_zeros(0, h)  # [sum L, h]
-    values = torch.cat([text_embeds[text_row, text_col][text_fit], features[img_fit].to(text_embeds.dtype)])
-    embeds = text_embeds.new_zeros(b, out_len, h).index_put((rows, cols), values)  # [b, T, h]
-
-    n_text = int(text_fit.sum())
-    new_labels = labels.new_full((b, out_len), IGNORE_INDEX)
-    new_labels[rows[:n_text], cols[:n_text]] = labels[text_row, text_col][text_fit]  # [b, T]
+    if not bool(img_fit.all()):
+        features, img_row, img_pos = features[img_fit], img_row[img_fit], img_pos[img_fit]
+    img_dst = img_row * out_len + img_pos + offset[img_row]  # [sum L] flat output index
+    embeds = text_embeds.new_zeros(b * out_len, h)  # [b*T, h]; in-place writes into a fresh buffer
+    embeds[text_dst] = text_embeds[text_row, text_col]  # one scatter of text
+    embeds[img_dst] = features.to(embeds.dtype)  # one write of all image features
+    embeds = embeds.view(b, out_len, h)  # [b, T, h]
+    new_labels = labels.new_full((b * out_len,), IGNORE_INDEX)
+    new_labels[text_dst] = labels[text_row, text_col]
+    new_labels = new_labels.view(b, out_len)  # [b, T]
 
     arange = torch.arange(out_len, device=device)[None]  # [1, T]
     mask = (arange >= offset[:, None]) & (arange < (offset + new_len)[:, None])  # [b, T]
