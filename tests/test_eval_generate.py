@@ -113,3 +113,25 @@ def test_merge_fails_when_a_rank_is_missing(tmp_path):
     write_jsonl([], shard_path(answers, 1))
     with pytest.raises(RuntimeError, match="lack 4 questions"):
         merge_answer_shards(answers, QUESTIONS, 2)
+
+
+@pytest.mark.slow
+def test_real_smollm2_llm_batched_equals_single_and_answers(tokenizer, image_folder):
+    """SmolLM2-135M-Instruct as the LLM (tiny random tower): real text, same answers batched or not."""
+    from llava_train.pretrained import smollm2_135m_checkpoint
+
+    cfg = ModelConfig(preset="tiny", llm_path=str(smollm2_135m_checkpoint()), image_aspect_ratio="pad")
+    model = build_model(cfg, tokenizer).eval()
+    processor = build_image_processor(model.config.mm_vision_config["image_size"])
+    questions = [
+        Question(0, "What is the capital of France?"),
+        Question(1, "Name one primary colour."),
+        Question(2, "What digit is this?", "0.png"),
+        Question(3, "Say hello in one short sentence, please, to a friend."),
+    ]
+    kwargs = dict(template="chatml", max_new_tokens=12, image_folder=image_folder)
+    batched = generate_answers(model, tokenizer, processor, questions, batch_size=4, **kwargs)
+    single = generate_answers(model, tokenizer, processor, questions, batch_size=1, **kwargs)
+    assert [r["text"] for r in batched] == [r["text"] for r in single]
+    assert "Paris" in batched[0]["text"], batched[0]["text"]
+    assert "<|im_end|>" not in batched[0]["text"]
