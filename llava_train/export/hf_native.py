@@ -1,0 +1,348 @@
+"""Conversion between our LLaVA model and transformers' native Llava / LlavaNext classes, both ways.
+
+Export (``export_hf``): ``LlavaLlamaForCausalLM`` + tokenizer -> a directory that
+``AutoModelForImageTextToText.from_pretrained(dir)`` and ``AutoProcessor.from_pretrained(dir)`` run
+with no code of ours:
+
+    flat merge, image_aspect_ratio pad/square     -> LlavaForConditionalGeneration + LlavaProcessor
+    spatial_unpad merge, image_aspect_ratio anyres -> LlavaNextForConditionalGeneration + LlavaNextProcessor
+
+Anything else (a ``linear`` / ``mlp3x_gelu`` projector, S2 towers, ``anyres_max_N``, plain ``spatial``,
+im_start/im_end tokens) has no native counterpart and is refused with the reason.
+
+Differences handled here (ours -> native):
+- the image placeholder: ours is IMAGE_TOKEN_INDEX (-200), one per image; native is a real special token
+  ``<image>`` (id = old vocab size), repeated once per image feature by the processor. Its embedding row is
+  the mean of the others; its lm_head row is zero and ``generation_config.suppress_tokens`` holds it, so
+  greedy decoding picks the same tokens as ours.
+- ``mm_vision_select_feature``: ``patch`` (CLS dropped) = ``default``; ``cls_patch`` = ``full``.
+- grid pinpoints: ours / LLaVA's are (width, height), transformers' are (height, width): each pair is
+  swapped, the order kept. ``image_sizes`` passed to the native model are (height, width) too.
+- state-dict keys (see ``_TO_NATIVE``); ``mm_projector.0/.2`` = ``multi_modal_projector.linear_1/_2``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_train.constants import DEFAULT_IMAGE_TOKEN
+from llava_train.data.image import CLIP_MEAN, CLIP_STD
+from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
+from llava_train.model.anyres import parse_grid_pinpoints
+
+logger = logging.getLogger(__name__)
+
+# (ours, native) key prefixes; the first match wins. Ours may carry CLIP's pre-v5 `vision_model.` level.
+_TO_NATIVE = (
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+    ("model.vision_tower.vision_tower.", "model.vision_tower."),
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.image_newline", "model.image_newline"),
+    ("model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
+)
+_FROM_NATIVE = (
+    ("model.vision_tower.", "model.vision_tower.vision_tower."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.image_newline", "model.image_newline"),
+    ("model.language_model.", "model."),
+    ("lm_head.", "lm_head."),
+)
+_SELECT = {"patch": "default", "cls_patch": "full"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and keys
+# ----------------------------------------------------------------------------------------------
+
+
+def native_kind(config: LlavaConfig) -> str:
+    """"llava" or "llava_next" for a model that maps onto a native class; raises with the reason otherwise."""
+    problems = []
+    if config.mm_projector_type != "mlp2x_gelu":
+        problems.append(
+            f"mm_projector_type={config.mm_projector_type!r}: the native projector is linear_1 -> gelu -> "
+            "linear_2 (only 'mlp2x_gelu' maps)"
+        )
+    if getattr(config, "use_s2", False):
+        problems.append("use_s2=True: the native classes have no multiscale (S2) tower")
+    if config.mm_use_im_start_end or config.mm_use_im_patch_token:
+        problems.append("mm_use_im_start_end / mm_use_im_patch_token: native processors add no such tokens")
+    if config.mm_vision_select_feature not in _SELECT:
+        problems.append(f"mm_vision_select_feature={config.mm_vision_select_feature!r}")
+    merge, aspect = config.mm_patch_merge_type, config.image_aspect_ratio
+    if merge == "flat" and aspect in ("pad", "square"):
+        kind = "llava"
+    elif merge == "spatial_unpad" and aspect == "anyres":
+        kind = "llava_next"
+    else:
+        kind = ""
+        problems.append(
+            f"mm_patch_merge_type={merge!r} with image_aspect_ratio={aspect!r}: only flat + pad/square "
+            "(LlavaForConditionalGeneration) or spatial_unpad + anyres (LlavaNextForConditionalGeneration) map"
+        )
+    if problems:
+        raise ValueError("cannot export to the transformers-native format:\n  - " + "\n  - ".join(problems))
+    return kind
+
+
+def swap_pinpoints(pinpoints: list) -> list[list[int]]:
+    """(w, h) pairs <-> (h, w) pairs, order kept (the swap is its own inverse)."""
+    return [[int(b), int(a)] for a, b in pinpoints]
+
+
+def text_config_dict(config: LlavaConfig, vocab_size: int) -> dict[str, Any]:
+    """The Llama part of our config (mm_* keys dropped) as a native ``text_config``."""
+    from transformers import LlamaConfig
+
+    llama_keys = set(LlamaConfig().to_dict())
+    text = {k: v for k, v in config.to_dict().items() if k in llama_keys}
+    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version"):
+        text.pop(key, None)
+    return {**text, "model_type": "llama", "vocab_size": vocab_size, "tie_word_embeddings": False}
+
+
+def native_config(model: LlavaLlamaForCausalLM, image_token_index: int) -> Any:
+    """LlavaConfig / LlavaNextConfig (transformers') of ``model``; vocab grows by the image token."""
+    from transformers import LlavaConfig as HFLlavaConfig
+    from transformers import LlavaNextConfig
+
+    config = model.config
+    kind = native_kind(config)
+    tower = model.get_vision_tower()
+    patches = tower.num_patches + (config.mm_vision_select_feature == "cls_patch")
+    common = dict(
+        vision_config=tower.config.to_dict(),
+        text_config=text_config_dict(config, image_token_index + 1),
+        image_token_index=image_token_index,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=_SELECT[config.mm_vision_select_feature],
+        vision_feature_layer=config.mm_vision_select_layer,
+        multimodal_projector_bias=True,
+        image_seq_length=patches,
+        tie_word_embeddings=False,
+    )
+    if kind == "llava":
+        return HFLlavaConfig(**common)
+    pinpoints = parse_grid_pinpoints(config.image_grid_pinpoints, tower.image_size)
+    return LlavaNextConfig(**common, image_grid_pinpoints=swap_pinpoints(pinpoints))
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise KeyError(f"no native mapping for state-dict key {key!r}")
+
+
+def to_native_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (original LLaVA) keys -> transformers 5 Llava / LlavaNext keys."""
+    return {_rename(k, _TO_NATIVE): v for k, v in state.items()}
+
+
+def from_native_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 Llava / LlavaNext keys -> ours (original LLaVA layout)."""
+    return {_rename(k, _FROM_NATIVE): v for k, v in state.items()}
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` that names every missing / unexpected key and shape mismatch."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{what}: weights do not fit the target model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape mismatch {wrong[:5]} (the key mapping in llava_train/export/"
+            "hf_native.py does not cover this model's layout)"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: ours -> native
+# ----------------------------------------------------------------------------------------------
+
+
+def native_tokenizer(tokenizer: Any) -> tuple[Any, int]:
+    """A copy of ``tokenizer`` with ``<image>`` as a special token, and that token's id."""
+    tok = copy.deepcopy(tokenizer)
+    if DEFAULT_IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens([DEFAULT_IMAGE_TOKEN], special_tokens=True)
+    image_id = tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+    return tok, image_id
+
+
+@torch.no_grad()
+def native_state_dict(model: LlavaLlamaForCausalLM, image_token_index: int) -> dict[str, torch.Tensor]:
+    """Our weights in native keys; embeddings padded to ``image_token_index + 1`` rows.
+
+    The image token's input row is the mean of the others (it is replaced by image features anyway);
+    its lm_head row is zero (and suppressed at generation).
+    """
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    vocab = model.config.vocab_size
+    if image_token_index < vocab:
+        raise ValueError(
+            f"image token id {image_token_index} is inside the model's vocab ({vocab}); the tokenizer must "
+            "not already hold <image> as an ordinary token used in training"
+        )
+    extra = image_token_index + 1 - vocab
+    embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]  # [V, h]
+    state["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True).expand(extra, -1)])
+    state["lm_head.weight"] = torch.cat([head, head.new_zeros(extra, head.shape[1])])
+    return to_native_state_dict(state)
+
+
+def native_image_processor(model: LlavaLlamaForCausalLM) -> Any:
+    """CLIP-style processor (Llava, with pad-to-square for ``pad``) or LlavaNext's, for the tower's side S."""
+    from transformers import LlavaImageProcessorPil, LlavaNextImageProcessorPil
+
+    config, side = model.config, model.get_vision_tower().image_size
+    common = dict(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        resample=3,  # bicubic, as PIL's default resize in our pipeline
+    )
+    if native_kind(config) == "llava":
+        if config.image_aspect_ratio == "square":  # ours: a plain S x S resize, no crop
+            return LlavaImageProcessorPil(**{**common, "size": {"height": side, "width": side}}, do_pad=False)
+        return LlavaImageProcessorPil(**common, do_pad=True)
+    pinpoints = swap_pinpoints(parse_grid_pinpoints(config.image_grid_pinpoints, side))
+    return LlavaNextImageProcessorPil(**common, image_grid_pinpoints=pinpoints)
+
+
+def native_processor(model: LlavaLlamaForCausalLM, tokenizer: Any, chat_template: str | None = None) -> Any:
+    """LlavaProcessor / LlavaNextProcessor around the image processor and the ``<image>`` tokenizer."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
+
+    cls = LlavaProcessor if native_kind(model.config) == "llava" else LlavaNextProcessor
+    tower = model.get_vision_tower()
+    return cls(
+        image_processor=native_image_processor(model),
+        tokenizer=tokenizer,
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=_SELECT[model.config.mm_vision_select_feature],
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
+        image_token=DEFAULT_IMAGE_TOKEN,
+        chat_template=chat_template,
+    )
+
+
+def to_native_model(model: LlavaLlamaForCausalLM, image_token_index: int) -> nn.Module:
+    """The native LlavaForConditionalGeneration / LlavaNextForConditionalGeneration with our weights (fp32)."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    config = native_config(model, image_token_index)
+    cls = LlavaForConditionalGeneration if config.model_type == "llava" else LlavaNextForConditionalGeneration
+    native = cls(config).to(model.dtype)
+    load_strict(native, native_state_dict(model, image_token_index), "export to " + cls.__name__)
+    native.generation_config.suppress_tokens = [image_token_index]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(native.generation_config, key, getattr(model.config, key, None))
+    return native.eval()
+
+
+def export_hf(
+    model: LlavaLlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, chat_template: str | None = None
+) -> Path:
+    """Write ``model`` + processor to ``out_dir`` in the transformers-native format; returns the dir.
+
+    Load it back with ``AutoModelForImageTextToText.from_pretrained(out_dir)`` and
+    ``AutoProcessor.from_pretrained(out_dir)``.
+    """
+    native_kind(model.config)  # refuse early, before copying anything
+    tok, image_id = native_tokenizer(tokenizer)
+    native = to_native_model(model, image_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    native.save_pretrained(out)
+    native_processor(model, tok, chat_template).save_pretrained(out)
+    logger.info("exported %s (image token %d) to %s", type(native).__name__, image_id, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Import: native -> ours
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_importable(config: Any) -> None:
+    problems = []
+    if config.model_type not in ("llava", "llava_next"):
+        problems.append(f"model_type {config.model_type!r} (need 'llava' or 'llava_next')")
+    if config.text_config.model_type != "llama":
+        problems.append(f"text_config.model_type {config.text_config.model_type!r} (need 'llama')")
+    if config.vision_config.model_type != "clip_vision_model":
+        problems.append(f"vision_config.model_type {config.vision_config.model_type!r} (need CLIP)")
+    if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
+        problems.append("projector must be linear -> gelu -> linear with biases (our mlp2x_gelu)")
+    if not isinstance(config.vision_feature_layer, int):
+        problems.append(f"vision_feature_layer {config.vision_feature_layer!r}: one layer only")
+    if problems:
+        raise ValueError("cannot import this transformers-native checkpoint:\n  - " + "\n  - ".join(problems))
+
+
+def _image_aspect_ratio(path: Path, model_type: str) -> str:
+    """anyres for LlavaNext; pad when the saved image processor pads to square, else square."""
+    if model_type == "llava_next":
+        return "anyres"
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (path / name).is_file():
+            data = json.loads((path / name).read_text())
+            data = data.get("image_processor", data)
+            return "pad" if data.get("do_pad", False) else "square"
+    logger.warning("no image processor config in %s: assuming image_aspect_ratio='pad' (LLaVA-1.5)", path)
+    return "pad"
+
+
+def our_config(native: Any, aspect: str) -> LlavaConfig:
+    """Our LlavaConfig (original mm_* keys) for a native config."""
+    text, vision = native.text_config.to_dict(), native.vision_config.to_dict()
+    for key in ("model_type", "architectures", "_name_or_path", "transformers_version"):
+        text.pop(key, None)
+    is_next = native.model_type == "llava_next"
+    select = {v: k for k, v in _SELECT.items()}[native.vision_feature_select_strategy]
+    return LlavaConfig(
+        **text,
+        mm_vision_tower=vision.get("_name_or_path") or "clip-vision-from-native",
+        mm_vision_config={k: v for k, v in vision.items() if k not in ("model_type", "transformers_version")},
+        mm_hidden_size=vision["hidden_size"],
+        mm_vision_select_layer=native.vision_feature_layer,
+        mm_vision_select_feature=select,
+        mm_projector_type="mlp2x_gelu",
+        mm_patch_merge_type="spatial_unpad" if is_next else "flat",
+        image_aspect_ratio=aspect,
+        image_grid_pinpoints=swap_pinpoints(native.image_grid_pinpoints) if is_next else None,
+        use_mm_proj=True,
+    )
+
+
+def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LlavaLlamaForCausalLM:
+    """A transformers-native llava / llava_next checkpoint dir -> our ``LlavaLlamaForCausalLM``.
+
+    The native vocab (with its ``<image>`` row) is kept, so logits match the native model column for
+    column; prompts still use IMAGE_TOKEN_INDEX placeholders, as everywhere in this package.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = Path(path)
+    native_cfg = AutoConfig.from_pretrained(path)
+    _check_importable(native_cfg)
+    native = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    model = LlavaLlamaForCausalLM(our_config(native_cfg, _image_aspect_ratio(path, native_cfg.model_type)))
+    model = model.to(dtype)
+    load_strict(model, from_native_state_dict(native.state_dict()), f"import of {path}")
+    return model.eval()
