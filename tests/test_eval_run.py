@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,12 @@ def test_missing_template_and_tokenizer_fail_with_the_fix(workdir, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="pass tokenizer="):
         load_eval_model(tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _run(cmd: list[str], root: Path) -> subprocess.CompletedProcess:
