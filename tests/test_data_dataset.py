@@ -60,7 +60,12 @@ def _write(root, records, name="d.json"):
 
 
 def _dataset(root, tokenizer, processor, records, name="d.json", **overrides):
-    cfg = DataConfig(data_path=_write(root, records, name), image_folder=str(root / "img"), **overrides)
+    cfg = DataConfig(
+        data_path=_write(root, records, name),
+        image_folder=str(root / "img"),
+        cache_dir=str(root / "cache"),
+        **overrides,
+    )
     return build_dataset(cfg, tokenizer, processor, VISION)
 
 
@@ -98,7 +103,9 @@ def test_yaml_mixture_and_sampling(root, tokenizer, processor):
         "datasets:\n  - json_path: a.json\n    sampling_strategy: first:1\n"
         "  - json_path: b.jsonl\n    sampling_strategy: random:50%\n"
     )
-    cfg = DataConfig(data_path=str(root / "mix.yaml"), image_folder=str(root / "img"))
+    cfg = DataConfig(
+        data_path=str(root / "mix.yaml"), image_folder=str(root / "img"), cache_dir=str(root / "c")
+    )
     ds = build_dataset(cfg, tokenizer, processor, VISION)
     assert len(ds) == 3 and ds[0]["sample_id"] == "img1"
     assert sample_indices("end:2", 5, 0) == [3, 4]
@@ -208,3 +215,24 @@ def test_lengths_are_cheap_estimates(root, tokenizer, processor):
     ds = _dataset(root, tokenizer, processor, GOOD)
     assert ds.lengths[1] == 4  # words only for text-only
     assert ds.lengths[0] == 4 + 16  # 4 words ("<image>" included) + one nominal image (pad: 16)
+
+
+def test_skip_stats_reach_the_main_process_from_workers(root, tokenizer, processor):
+    records = [{"id": "bad", "image": "nope.png", "conversations": _turns(("<image>", "7"))}, GOOD[0]]
+    ds = _dataset(root, tokenizer, processor, records, bad_record_policy="skip")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=DataCollator(tokenizer))
+    batch = next(iter(loader))
+    assert batch["sample_ids"] == ["img1", "img1"]
+    assert ds.bad_record_stats() == {"missing_image": 1}
+
+
+def test_json_index_cache_and_in_memory_fallback(root):
+    from llava_train.data.sources import JsonlSource, PackedSource, json_source
+
+    path = _write(root, GOOD)
+    cached = json_source(path, cache_dir=str(root / "cache"))
+    assert isinstance(cached, JsonlSource) and [cached.record(i) for i in range(4)] == GOOD
+    assert json_source(path, cache_dir=str(root / "cache")).path == cached.path  # reused
+    (root / "blocker").write_text("not a directory")
+    packed = json_source(path, cache_dir=str(root / "blocker"))
+    assert isinstance(packed, PackedSource) and [packed.record(i) for i in range(4)] == GOOD

@@ -176,3 +176,15 @@ def test_one_bos_for_prompts(tokenizer):
     bos = bos_ids(tokenizer)
     assert ids[: len(bos) + 1] == [*bos, IMAGE_TOKEN_INDEX]
     assert tokenizer_image_token("x", tokenizer, return_tensors="pt").dtype.is_floating_point is False
+
+
+def test_load_tokenizer_offline_and_pad(tmp_path):
+    mistral = load_tokenizer("mistral")
+    assert len(mistral) == 32000 and mistral.pad_token == mistral.unk_token == "<unk>"
+    assert bos_ids(mistral) == [mistral.bos_token_id] == [1]
+    smol = load_tokenizer("smollm2")
+    assert len(smol) >= 49152 and smol.pad_token is not None and bos_ids(smol) == []
+    smol.save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(str(tmp_path / "tok")).get_vocab() == smol.get_vocab()
+    with pytest.raises(FileNotFoundError, match="local directory"):
+        load_tokenizer("no/such/tokenizer")

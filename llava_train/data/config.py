@@ -36,6 +36,8 @@ class DataConfig:
     num_workers: int = 2
     seed: int = 0
     streaming: bool = False
+    # Where .json files get their JSONL index cache (None: ~/.cache/llava_train/json_index).
+    cache_dir: str | None = None
     # Keys of the HF backend's columns; LLaVA JSON uses these names too.
     id_column: str = "id"
     image_column: str = "image"

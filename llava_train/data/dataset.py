@@ -268,9 +268,9 @@ def build_dataset(
     if path.is_dir():
         source = hf_source(str(path), cfg)
     elif path.suffix.lower() in (".yaml", ".yml"):
-        source = mixture_source(str(path), cfg.image_folder, cfg.seed)
+        source = mixture_source(str(path), cfg.image_folder, cfg.seed, cfg.cache_dir)
     else:
-        source = file_source(path, cfg.image_folder)
+        source = file_source(path, cfg.image_folder, cfg.cache_dir)
     if is_anyres(cfg.image_aspect_ratio) and not cfg.image_grid_pinpoints:
         raise ValueError(f"image_aspect_ratio={cfg.image_aspect_ratio!r} needs data.image_grid_pinpoints")
     return LazySupervisedDataset(source, tokenizer, image_processor, cfg, vision)

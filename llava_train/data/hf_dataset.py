@@ -62,6 +62,10 @@ def hf_source(path: str, cfg: DataConfig) -> HFSource:
     """Open a ``save_to_disk`` directory or a directory of ``*.parquet`` files (memory-mapped)."""
     from datasets import Dataset, load_from_disk
 
+    if cfg.streaming:
+        raise NotImplementedError(
+            "streaming HF datasets are not supported yet; use a save_to_disk or parquet dir"
+        )
     folder = Path(path)
     if (folder / "state.json").is_file() or (folder / "dataset_info.json").is_file():
         dataset = load_from_disk(str(folder))

@@ -34,7 +34,9 @@ def sample_indices(strategy: str, n: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
-def mixture_source(path: str, default_image_folder: str = "", seed: int = 0) -> RecordSource:
+def mixture_source(
+    path: str, default_image_folder: str = "", seed: int = 0, cache_dir: str | None = None
+) -> RecordSource:
     """A ConcatSource over the mixture's entries; relative json paths resolve against the YAML's folder."""
     with open(path, encoding="utf-8") as f:
         spec = yaml.safe_load(f)
@@ -49,7 +51,7 @@ def mixture_source(path: str, default_image_folder: str = "", seed: int = 0) -> 
         if not file:
             raise ValueError(f"{path}: entry {i} has no json_path")
         file_path = Path(file) if Path(file).is_absolute() else Path(path).parent / file
-        source = file_source(file_path, entry.get("image_folder") or default_image_folder)
+        source = file_source(file_path, entry.get("image_folder") or default_image_folder, cache_dir)
         keep = sample_indices(str(entry.get("sampling_strategy", "all")), len(source), seed + i)
         sources.append(source if len(keep) == len(source) else SubsetSource(source, keep))
     return ConcatSource(sources)

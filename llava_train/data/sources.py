@@ -7,6 +7,7 @@ byte offsets (one scan, nothing parsed); JSON files are loaded with the stdlib.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from array import array
@@ -43,13 +44,73 @@ class ListSource(RecordSource):
         return self.records[index]
 
 
-def json_source(path: str | os.PathLike, image_folder: str = "") -> ListSource:
-    """A LLaVA ``.json`` file: a list of records."""
+class PackedSource(RecordSource):
+    """Records re-serialised into one bytes blob + offsets.
+
+    A list of dicts costs ~3x the file size and every access touches reference counts, so each
+    DataLoader worker gradually copies the pages it reads (copy-on-write). One bytes object is
+    about the file size and stays shared between workers; each access parses one record.
+    """
+
+    def __init__(self, records: Sequence[Any], image_folder: str = ""):
+        self.image_folder = image_folder
+        self.offsets = array("q", [0])
+        parts = []
+        for record in records:
+            parts.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
+            self.offsets.append(self.offsets[-1] + len(parts[-1]))
+        self.blob = b"".join(parts)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def record(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return json.loads(self.blob[self.offsets[index] : self.offsets[index + 1]])
+
+
+def json_source(
+    path: str | os.PathLike, image_folder: str = "", cache_dir: str | None = None
+) -> RecordSource:
+    """A LLaVA ``.json`` file (a list of records).
+
+    The first open parses it with the stdlib and writes an equivalent JSONL cache (keyed by the file's
+    path, size and mtime) under ``cache_dir`` (default ``~/.cache/llava_train/json_index``); later
+    opens, every rank and every DataLoader worker then read the cache lazily like a JSONL file.
+    Where the cache cannot be written, the records are packed in memory (PackedSource).
+    """
+    cache = _jsonl_cache_path(Path(path), cache_dir)
+    if cache.is_file():
+        return JsonlSource(cache, image_folder)
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return ListSource(records, image_folder)
+    try:
+        _write_jsonl_atomic(records, cache)
+    except OSError:
+        return PackedSource(records, image_folder)
+    return JsonlSource(cache, image_folder)
+
+
+def _jsonl_cache_path(path: Path, cache_dir: str | None) -> Path:
+    from llava_train.data.tokenizers import default_cache_dir
+
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir else default_cache_dir() / "json_index"
+    return root / f"{path.stem}-{key}.jsonl"
+
+
+def _write_jsonl_atomic(records: Sequence[Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, target)  # atomic: concurrent ranks never read half a cache
 
 
 class JsonlSource(RecordSource):
@@ -133,11 +194,13 @@ class ConcatSource(RecordSource):
         return source.folder(local)
 
 
-def file_source(path: str | os.PathLike, image_folder: str = "") -> RecordSource:
+def file_source(
+    path: str | os.PathLike, image_folder: str = "", cache_dir: str | None = None
+) -> RecordSource:
     """A source for a ``.json`` or ``.jsonl`` file."""
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         return JsonlSource(path, image_folder)
     if suffix == ".json":
-        return json_source(path, image_folder)
+        return json_source(path, image_folder, cache_dir)
     raise ValueError(f"{path}: expected a .json or .jsonl file (or a .yaml mixture / HF dataset dir)")
