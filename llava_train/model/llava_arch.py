@@ -85,7 +85,22 @@ def merge_text_and_images(
     max_length: int | None,
     padding_side: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Insert image features at their placeholders; truncate; pad.
+    """Insert image features at their placeholders; truncate; pad (see :func:`merge_packed`)."""
+    merged = merge_packed(text_embeds, input_ids, keep, labels, image_features, max_length, padding_side)
+    return merged[:4]
+
+
+def merge_packed(
+    text_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    keep: torch.Tensor,
+    labels: torch.Tensor,
+    image_features: list[torch.Tensor],
+    max_length: int | None,
+    padding_side: str,
+    seq_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Insert image features at their placeholders; truncate; pad; carry packed sample ids along.
 
     Args:
         text_embeds: [b, s, h] embeddings of ``input_ids`` (placeholder rows are ignored).
@@ -95,9 +110,12 @@ def merge_text_and_images(
         image_features: n_img tensors [L_i, h], one per kept placeholder, in row-major order.
         max_length: truncation length of each merged row, or None.
         padding_side: "left" or "right".
+        seq_ids: optional [b, s] packed sample index per token (0 = padding); image features take
+            their placeholder's id.
 
     Returns:
-        embeds [b, T, h], labels [b, T], attention mask [b, T] bool, position ids [b, T] long.
+        embeds [b, T, h], labels [b, T], attention mask [b, T] bool, position ids [b, T] long,
+        seq_ids [b, T] long (0 on padding) or None.
     """
     b, _, h = text_embeds.shape
     device = text_embeds.device
@@ -149,7 +167,44 @@ def merge_text_and_images(
     arange = torch.arange(out_len, device=device)[None]  # [1, T]
     mask = (arange >= offset[:, None]) & (arange < (offset + new_len)[:, None])  # [b, T]
     position_ids = (arange - offset[:, None]).masked_fill(~mask, 0)  # [b, T]
-    return embeds, new_labels, mask, position_ids
+    new_seq = None
+    if seq_ids is not None:
+        new_seq = seq_ids.new_zeros(b * out_len)
+        new_seq[text_dst] = seq_ids[text_row, text_col]
+        img_seq = seq_ids[is_image].repeat_interleave(lengths)  # [sum L]
+        new_seq[img_dst] = img_seq if img_seq.shape[0] == img_dst.shape[0] else img_seq[img_fit]
+        new_seq = new_seq.view(b, out_len)  # [b, T]
+    return embeds, new_labels, mask, position_ids, new_seq
+
+
+def packed_position_ids(seq_ids: torch.Tensor) -> torch.Tensor:
+    """[b, T] sample ids (contiguous runs, 0 = padding) -> positions restarting at 0 for every run."""
+    _, t = seq_ids.shape
+    arange = torch.arange(t, device=seq_ids.device).expand_as(seq_ids)  # [b, T]
+    is_start = torch.ones_like(seq_ids, dtype=torch.bool)
+    is_start[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]  # [b, T] first token of each run
+    run_start = torch.where(is_start, arange, torch.zeros_like(arange)).cummax(dim=1).values  # [b, T]
+    return arange - run_start
+
+
+def packed_attention_mask(seq_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> Any:
+    """The mask LlamaModel needs for packed rows, per attention implementation.
+
+    sdpa: [b, 1, T, T] bool, True = attend (causal and same sample; padding attends to padding only,
+    so no row is fully masked). eager: the same as an additive float mask. flash_attention_* and
+    others: None, the packing is read from the restarting position ids (varlen kernels).
+    """
+    if attn_implementation not in ("sdpa", "eager"):
+        return None
+    t = seq_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()  # [T, T]
+    allowed = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal  # [b, T, T]
+    allowed = allowed[:, None]  # [b, 1, T, T]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,13 +397,19 @@ class LlavaMetaForCausalLM:
         labels: torch.Tensor | None,
         images: torch.Tensor | list[torch.Tensor] | None,
         image_sizes: list | None = None,
+        seq_ids: torch.Tensor | None = None,
     ) -> tuple:
         """Returns (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels).
 
         Pass-through (input_ids returned, embeds None) for a decode step (s == 1) or with no tower, and
         for image-free batches outside autograd. position_ids / attention_mask / labels come back None
         when they came in None (original convention); the mask keeps its dtype.
+
+        Packed rows (``seq_ids`` [b, s], data/packing.py): position ids restart at every sample and the
+        attention mask is :func:`packed_attention_mask` (4D block-diagonal causal for sdpa / eager).
         """
+        if seq_ids is not None:
+            return self._prepare_packed(input_ids, past_key_values, labels, images, image_sizes, seq_ids)
         tower = self.get_vision_tower()
         if tower is None or input_ids.shape[1] == 1:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
@@ -358,32 +419,64 @@ class LlavaMetaForCausalLM:
             embeds = self.get_model().embed_tokens(input_ids) + self._unused_mm_anchor()  # [b, s, h]
             return None, position_ids, attention_mask, past_key_values, embeds, labels
 
-        features = self.image_features(images, image_sizes)
         keep = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
+        full_labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
+        padding_side = getattr(self.config, "tokenizer_padding_side", "right") or "right"
+        embeds, new_labels, mask, new_pos, _ = self._embed_and_merge(
+            input_ids, keep, full_labels, images, image_sizes, padding_side
+        )
+        new_mask = None if attention_mask is None else mask.to(attention_mask.dtype)
+        new_pos = None if position_ids is None else new_pos.to(position_ids.dtype)
+        new_labels = None if labels is None else new_labels
+        return None, new_pos, new_mask, past_key_values, embeds, new_labels
+
+    def _embed_and_merge(
+        self,
+        input_ids: torch.Tensor,
+        keep: torch.Tensor,
+        labels: torch.Tensor,
+        images: torch.Tensor | list[torch.Tensor] | None,
+        image_sizes: list | None,
+        padding_side: str,
+        seq_ids: torch.Tensor | None = None,
+    ) -> tuple:
+        """Encode images, embed text, merge (:func:`merge_packed`); keeps the mm modules in the graph."""
+        features = self.image_features(images, image_sizes) if images is not None else []
         is_image = (input_ids == IMAGE_TOKEN_INDEX) & keep  # [b, s]
         used = select_used_images(is_image.sum(1), len(features))
         if used is not None:
             features = [features[i] for i in used.tolist()]
         text_ids = input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0)  # [b, s]
         text_embeds = self.get_model().embed_tokens(text_ids)  # [b, s, h]
-        if not features and torch.is_grad_enabled():
+        if not features and torch.is_grad_enabled() and self.get_vision_tower() is not None:
             text_embeds = text_embeds + self._unused_mm_anchor()
+        max_length = getattr(self.config, "tokenizer_model_max_length", None)
+        return merge_packed(text_embeds, input_ids, keep, labels, features, max_length, padding_side, seq_ids)
+
+    def _prepare_packed(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: Any,
+        labels: torch.Tensor | None,
+        images: torch.Tensor | list[torch.Tensor] | None,
+        image_sizes: list | None,
+        seq_ids: torch.Tensor,
+    ) -> tuple:
+        """Packed rows: merge, then per-sample position ids and the block-diagonal causal mask."""
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("packed rows (seq_ids) are for training / scoring; generate without seq_ids")
+        if seq_ids.shape != input_ids.shape:
+            raise ValueError(f"seq_ids {tuple(seq_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
         full_labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
-        embeds, new_labels, mask, new_pos = merge_text_and_images(
-            text_embeds,
-            input_ids,
-            keep,
-            full_labels,
-            features,
-            getattr(self.config, "tokenizer_model_max_length", None),
-            getattr(self.config, "tokenizer_padding_side", "right") or "right",
+        embeds, new_labels, _, _, new_seq = self._embed_and_merge(
+            input_ids, seq_ids > 0, full_labels, images, image_sizes, "right", seq_ids
         )
-        new_mask = None if attention_mask is None else mask.to(attention_mask.dtype)
-        new_pos = None if position_ids is None else new_pos.to(position_ids.dtype)
-        new_labels = None if labels is None else new_labels
-        return None, new_pos, new_mask, past_key_values, embeds, new_labels
+        position_ids = packed_position_ids(new_seq)  # [b, T]
+        attn = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        mask = packed_attention_mask(new_seq, attn, embeds.dtype)  # [b, 1, T, T] or None
+        return None, position_ids, mask, past_key_values, embeds, None if labels is None else new_labels
 
     def initialize_vision_tokenizer(self, model_args: Any, tokenizer: Any) -> None:
         """Add <im_patch> / <im_start>,<im_end> as the original; new embedding rows = mean of the old."""

@@ -97,18 +97,30 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM, LlavaPreTrai
         image_sizes: list | None = None,
         return_dict: bool | None = None,
         cache: Any = None,
+        seq_ids: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Merge images into the text, then the Llama forward.
 
         ``num_items_in_batch`` (in kwargs) makes the loss sum(token CE) / num_items_in_batch.
         ``cache`` is transformers 5's name for ``past_key_values``; either is accepted.
+        ``seq_ids`` [b, s] (packed rows, data/packing.py: sample index per token, 0 = padding) replaces
+        attention_mask / position_ids: positions restart per sample and no token attends across samples.
         """
         cache = cache if cache is not None else past_key_values
+        if seq_ids is not None and inputs_embeds is not None:
+            raise ValueError("seq_ids (packing) needs input_ids, not inputs_embeds")
         if inputs_embeds is None:
             input_ids, position_ids, attention_mask, cache, inputs_embeds, labels = (
                 self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, cache, labels, images, image_sizes
+                    input_ids,
+                    position_ids,
+                    attention_mask,
+                    cache,
+                    labels,
+                    images,
+                    image_sizes,
+                    seq_ids=seq_ids,
                 )
             )
         if return_dict is not None:
