@@ -3,7 +3,8 @@
 What the subclass changes, and only that:
 - optimizer parameter groups: no weight decay on biases / norms / 1-D params; `mm_projector_lr` and
   `mm_vision_tower_lr` for the projector (+ image_newline) and the vision tower;
-- the train sampler: the data package's modality-length grouping when `data.group_by_modality_length`;
+- the train sampler: the data package's (modality-)length grouping when `data.group_by_modality_length`
+  or `data.group_by_length`;
 - `num_items_in_batch`: supervised tokens counted the way the model's loss counts them (below);
 - what a checkpoint holds per stage (llava_train/train/checkpoint.py), written atomically;
 - resume without DeepSpeed for the projector-only and LoRA checkpoints.
@@ -110,8 +111,8 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         gradient_accumulation_steps=accumulation,
         bf16=precision == Precision.bf16,
         fp16=precision == Precision.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,  # the collator builds the model's kwargs itself
         logging_steps=t.logging_steps,
@@ -155,17 +156,20 @@ class LlavaTrainer(Trainer):
 
     # ---- sampler ---------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if not self.llava_cfg.data.group_by_modality_length:
+        data = self.llava_cfg.data
+        if not (data.group_by_modality_length or data.group_by_length):
             return super()._get_train_sampler(train_dataset)
-        from llava_train.data.sampler import build_length_grouped_sampler
+        from llava_train.data.sampler import build_sampler
 
-        return build_length_grouped_sampler(
-            dataset,
+        # One flat index list, identical on every rank, of global batches (per-device x world x accumulation);
+        # accelerate cuts it into the per-rank micro-batches.
+        return build_sampler(
+            self.train_dataset if train_dataset is None else train_dataset,
             batch_size=self.args.train_batch_size,
-            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
-            group_by_modality=True,
+            world_size=self.args.world_size,
+            grad_accum=self.args.gradient_accumulation_steps,
             seed=self.args.seed,
+            by_modality=data.group_by_modality_length,
         )
 
     # ---- loss ------------------------------------------------------------------------------
@@ -256,7 +260,9 @@ def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
         groups.setdefault((lr, wd), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: the stage froze everything (see the stage table above)")
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    # The base-LR groups first: the Trainer logs the first group's learning rate.
+    order = sorted(groups, key=lambda k: k[0] != t.learning_rate)
+    return [{"params": groups[k], "lr": k[0], "weight_decay": k[1]} for k in order]
 
 
 def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | None:

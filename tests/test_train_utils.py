@@ -1,0 +1,94 @@
+"""Helpers shared by the training tests: a tiny synthetic LLaVA data set, Hydra composition, and a run of
+the same steps launch/train.py runs (with optional extra Trainer callbacks)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+from llava_train.config import CONF_DIR, normalize_argv, register_configs, to_typed
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+SIZES = [(56, 56), (112, 56), (56, 112), (80, 60)]
+
+
+def make_colour_dataset(folder: Path, n: int = 48, seed: int = 0) -> Path:
+    """n solid-colour images of a few sizes (anyres grids differ) with "what colour" Q/A; a few text-only."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        name = rng.choice(list(COLOURS))
+        if i % 8 == 7:  # text-only rows exercise the mixed-modality path
+            conv = [{"from": "human", "value": f"Say {name}."}, {"from": "gpt", "value": f"{name}"}]
+            records.append({"id": f"t{i}", "conversations": conv})
+            continue
+        Image.new("RGB", rng.choice(SIZES), COLOURS[name]).save(folder / f"img{i}.png")
+        conv = [
+            {"from": "human", "value": "<image>\nWhat colour is this image?"},
+            {"from": "gpt", "value": f"The image is {name}."},
+        ]
+        records.append({"id": f"s{i}", "image": f"img{i}.png", "conversations": conv})
+    path = folder / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def tiny_overrides(data_json: Path, run_dir: Path, **training) -> list[str]:
+    """Small, fast CPU settings on the tiny model; `training` adds training.<key>=<value>."""
+    base = {
+        "global_batch_size": 4,
+        "per_device_batch_size": 4,
+        "gradient_checkpointing": "false",
+        "max_steps": 8,
+        "save_steps": 4,
+        "logging_steps": 1,
+        "progress_bar": "false",
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "loss_plot": "false",
+        "save_total_limit": 3,
+    }
+    base.update(training)
+    return [
+        f"data.data_path={data_json}",
+        f"data.image_folder={data_json.parent}",
+        f"training.run_dir={run_dir}",
+        *(f"training.{k}={v}" for k, v in base.items()),
+    ]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=normalize_argv(overrides))
+
+
+def run_steps(raw: DictConfig, callbacks=(), before_train=None):
+    """The steps of launch/train.py in the same order; returns (trainer, model, result)."""
+    from llava_train.train import steps
+    from llava_train.train.stages import apply_stage
+
+    cfg = to_typed(raw)
+    steps.setup_run(cfg, raw)
+    tokenizer = steps.build_tokenizer(cfg)
+    model = steps.build_model(cfg, tokenizer)
+    model = apply_stage(model, cfg.stage)
+    dataset, collator = steps.build_data(cfg, tokenizer, model)
+    trainer = steps.build_trainer(cfg, model, tokenizer, dataset, collator)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    if before_train is not None:
+        before_train(model)
+    result = steps.train(trainer, cfg)
+    steps.save_final(trainer, cfg)
+    return trainer, model, result
+
+
+def logged_losses(trainer) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
