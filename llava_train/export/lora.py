@@ -30,12 +30,17 @@ def load_base(base: str | os.PathLike | LlavaLlamaForCausalLM, dtype: torch.dtyp
     """The base model: ``base`` itself, or ``LlavaLlamaForCausalLM.from_pretrained(base)``."""
     if isinstance(base, nn.Module):
         return base
-    if not (Path(base) / "config.json").is_file():
+    check_base_dir(Path(base))
+    return LlavaLlamaForCausalLM.from_pretrained(str(base), dtype=dtype)
+
+
+def check_base_dir(base: Path) -> None:
+    """Fail with the fix when ``base`` is not a saved model directory."""
+    if not (base / "config.json").is_file():
         raise FileNotFoundError(
             f"base {str(base)!r} is not a saved model directory (no config.json): pass the directory "
             "of the full model the LoRA run started from (save_pretrained output), or the model object"
         )
-    return LlavaLlamaForCausalLM.from_pretrained(str(base), dtype=dtype)
 
 
 def check_adapter_dir(adapter_dir: Path) -> None:
@@ -91,6 +96,8 @@ def merge_lora(
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
+    if not isinstance(base, nn.Module):
+        check_base_dir(Path(base))
     check_adapter_dir(adapter_dir)
     model = load_base(base, dtype)
     loaded = load_non_lora(model, adapter_dir / NON_LORA_FILE)

@@ -1,0 +1,116 @@
+"""LoRA merge (explicit base + adapter dir) and original-layout / projector-only release files.
+
+Tolerance: merged vs unmerged logits, fp32, max abs diff <= 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava_train.config import LoraConfig, StageConfig
+from llava_train.constants import IMAGE_TOKEN_INDEX
+from llava_train.export import load_original, load_projector, merge_lora
+from llava_train.model import ModelConfig, build_model
+from llava_train.train.checkpoint import save_stage_weights
+from llava_train.train.stages import apply_stage
+
+MERGE_ATOL = 1e-5
+IDS = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7]])
+SIZES = [(90, 50)]
+
+
+def _tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(preset="tiny")).eval()
+
+
+def _images(model):
+    torch.manual_seed(1)
+    return [torch.randn(3, 3, 56, 56)]  # 90x50 -> a 2 x 1 grid: [1 + 2, 3, S, S]
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, images=_images(model), image_sizes=SIZES).logits
+
+
+@torch.no_grad()
+def _lora_run(base_dir, adapter_dir):
+    """A finetune_lora 'run': base saved, LoRA + projector perturbed, checkpoint files as the trainer writes."""
+    model = _tiny()
+    model.save_pretrained(base_dir)
+    stage = StageConfig(name="finetune_lora", pretrain_mm_mlp_adapter=None, lora=LoraConfig(r=4, alpha=8))
+    peft_model = apply_stage(model, stage)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:  # lora_B starts at zero: move everything trainable so the merge matters
+            p.add_(0.05 * torch.randn_like(p))
+    state = peft_model.state_dict()
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    save_stage_weights(str(adapter_dir), "finetune_lora", state, trainable)
+    lora_state = {k: v for k, v in state.items() if ".lora_" in k}
+    peft_model.save_pretrained(str(adapter_dir), state_dict=lora_state, safe_serialization=True)
+    return peft_model.eval()
+
+
+def test_merge_lora_same_logits(tmp_path):
+    unmerged = _lora_run(tmp_path / "base", tmp_path / "ckpt")
+    want = _logits(unmerged)
+    merged = merge_lora(tmp_path / "base", tmp_path / "ckpt")
+    assert type(merged).__name__ == "LlavaLlamaForCausalLM"
+    assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    assert (_logits(merged) - want).abs().max().item() <= MERGE_ATOL
+    assert (_logits(_tiny()) - want).abs().max().item() > 1e-3  # the adapter did change the model
+    merged.save_pretrained(tmp_path / "merged")
+    assert (_logits(load_original(tmp_path / "merged")) - want).abs().max().item() <= MERGE_ATOL
+
+
+def test_merge_lora_fails_loudly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="non_lora_trainables"):
+        merge_lora(_tiny(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        merge_lora(tmp_path / "nowhere", tmp_path)
+
+
+def _original_layout(model, path):
+    """model_type "llava", no mm_vision_config (tower named by a local CLIP dir), `vision_model.` keys."""
+    tower = model.get_vision_tower().vision_tower
+    tower.config.save_pretrained(path / "clip")
+    model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="llava", mm_vision_tower=str(path / "clip"), architectures=["LlavaLlamaForCausalLM"])
+    config.pop("mm_vision_config")
+    (path / "config.json").write_text(json.dumps(config))
+    prefix = "model.vision_tower.vision_tower."
+    state = load_file(str(path / "model.safetensors"))
+    state = {k.replace(prefix, prefix + "vision_model."): v for k, v in state.items()}
+    assert "model.mm_projector.0.weight" in state
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_original_layout_checkpoint_loads(tmp_path):
+    model = _tiny(3)
+    _original_layout(model, tmp_path)
+    loaded = load_original(tmp_path)
+    assert loaded.config.mm_vision_config is None
+    assert (_logits(loaded) - _logits(model)).abs().max().item() == 0
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    with pytest.raises(ValueError, match="import_hf"):
+        load_original(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", ["bin", "safetensors"])
+def test_projector_only_release_file(tmp_path, suffix):
+    source, target = _tiny(4), _tiny(5)
+    state = {f"model.mm_projector.{k}": v.clone() for k, v in source.model.mm_projector.state_dict().items()}
+    path = tmp_path / f"mm_projector.{suffix}"
+    torch.save(state, path) if suffix == "bin" else save_file(state, str(path))
+    load_projector(target, path)
+    for key, value in source.model.mm_projector.state_dict().items():
+        assert torch.equal(target.model.mm_projector.state_dict()[key], value)
+    save_file({"model.mm_projector.0.weight": torch.zeros(2, 2)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_projector(target, tmp_path / "bad.safetensors")
