@@ -81,7 +81,9 @@ def _original_layout(model, path):
     tower.config.save_pretrained(path / "clip")
     model.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
-    config.update(model_type="llava", mm_vision_tower=str(path / "clip"), architectures=["LlavaLlamaForCausalLM"])
+    config.update(
+        model_type="llava", mm_vision_tower=str(path / "clip"), architectures=["LlavaLlamaForCausalLM"]
+    )
     config.pop("mm_vision_config")
     (path / "config.json").write_text(json.dumps(config))
     prefix = "model.vision_tower.vision_tower."
@@ -114,3 +116,38 @@ def test_projector_only_release_file(tmp_path, suffix):
     save_file({"model.mm_projector.0.weight": torch.zeros(2, 2)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="do not fit"):
         load_projector(target, tmp_path / "bad.safetensors")
+
+
+def test_run_export_merge_hf_import_chain(tmp_path, monkeypatch):
+    """The three entry-point operations in sequence: merge -> native -> ours, logits kept throughout."""
+    import transformers
+
+    from llava_train.export.run import ExportConfig, ExportOp, run_export
+
+    try:  # see tests/test_export_hf.py: mistral-common without jsonschema breaks processor construction
+        transformers.MistralCommonBackend  # noqa: B018
+    except ImportError:
+        monkeypatch.setitem(vars(transformers), "MistralCommonBackend", type("Unavailable", (), {}))
+    want = _logits(_lora_run(tmp_path / "base", tmp_path / "ckpt"))
+    merged = run_export(ExportConfig(op=ExportOp.merge, out_dir=str(tmp_path / "merged"),
+                                     model_dir=str(tmp_path / "base"), adapter_dir=str(tmp_path / "ckpt")))  # fmt: skip
+    native = run_export(ExportConfig(op=ExportOp.hf, out_dir=str(tmp_path / "hf"), model_dir=str(merged),
+                                     tokenizer="mistral"))  # fmt: skip
+    assert json.loads((native / "config.json").read_text())["model_type"] == "llava_next"
+    ours = run_export(
+        ExportConfig(op=ExportOp.import_hf, out_dir=str(tmp_path / "ours"), model_dir=str(native))
+    )
+    got = _logits(load_original(ours))[..., : want.shape[-1]]
+    assert (got - want).abs().max().item() <= MERGE_ATOL
+    with pytest.raises(ValueError, match="adapter_dir=..."):
+        run_export(ExportConfig(op=ExportOp.merge, out_dir=str(tmp_path / "x"), model_dir=str(merged)))
+
+
+def test_launch_export_cli_typo_fails_at_start():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "launch/export.py", "op=merge", "out_dir=x", "adaptor_dir=y"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "adaptor_dir" in result.stderr + result.stdout

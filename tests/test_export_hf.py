@@ -172,7 +172,9 @@ def test_import_native_checkpoint_same_logits(tmp_path):
     prompt = [1, 5, 6]
     native_ids = torch.tensor([prompt + [100] * n + [7, 8]])
     with torch.no_grad():
-        want = native(input_ids=native_ids, pixel_values=pixels, image_sizes=torch.tensor([[height, width]])).logits
+        want = native(
+            input_ids=native_ids, pixel_values=pixels, image_sizes=torch.tensor([[height, width]])
+        ).logits
         got = ours(input_ids=torch.tensor([prompt + [IMAGE_TOKEN_INDEX, 7, 8]]), images=[pixels[0]],
                    image_sizes=[(width, height)]).logits  # fmt: skip
     assert (got - want).abs().max().item() <= LOGITS_ATOL

@@ -67,7 +67,7 @@ _SELECT = {"patch": "default", "cls_patch": "full"}
 
 
 def native_kind(config: LlavaConfig) -> str:
-    """"llava" or "llava_next" for a model that maps onto a native class; raises with the reason otherwise."""
+    """ "llava" or "llava_next" for a model that maps onto a native class; raises with the reason otherwise."""
     problems = []
     if config.mm_projector_type != "mlp2x_gelu":
         problems.append(

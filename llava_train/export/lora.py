@@ -60,7 +60,9 @@ def load_non_lora(model: nn.Module, path: Path) -> list[str]:
     loaded = []
     for key, value in load_file(str(path)).items():
         if key not in params:
-            raise KeyError(f"{path}: {key!r} is not a parameter of the base model (was it a different model?)")
+            raise KeyError(
+                f"{path}: {key!r} is not a parameter of the base model (was it a different model?)"
+            )
         if params[key].shape != value.shape:
             raise ValueError(
                 f"{path}: {key!r} has shape {tuple(value.shape)}, the base model {tuple(params[key].shape)}"

@@ -1,0 +1,76 @@
+"""The export operations behind launch/export.py, driven by one typed config (Hydra structured config).
+
+    merge      base (model dir) + adapter_dir (finetune_lora checkpoint) -> a full model dir (ours)
+    hf         model_dir (ours) + tokenizer -> a transformers-native Llava / LlavaNext dir
+    import_hf  model_dir (transformers-native) -> a model dir of ours
+
+Every input is named explicitly; nothing is inferred from folder names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportOp(str, Enum):
+    merge = "merge"
+    hf = "hf"
+    import_hf = "import_hf"
+
+
+@dataclass
+class ExportConfig:
+    """Keys of ``python launch/export.py op=... key=value ...``."""
+
+    op: ExportOp = MISSING
+    out_dir: str = MISSING
+    model_dir: str | None = None  # merge: the LoRA run's base model; hf / import_hf: the model to convert
+    adapter_dir: str | None = None  # merge: the finetune_lora checkpoint dir
+    tokenizer: str | None = None  # merge / hf: "mistral", "smollm2" or a tokenizer dir (saved with the model)
+    dtype: str = "float32"
+
+
+def register_export_config(name: str = "llava_export") -> None:
+    """Register ``ExportConfig`` with Hydra's ConfigStore (called by the entry point, not at import)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=name, node=ExportConfig)
+
+
+def _need(cfg: ExportConfig, *keys: str) -> None:
+    missing = [k for k in keys if getattr(cfg, k) is None]
+    if missing:
+        raise ValueError(f"op={cfg.op.value} needs {', '.join(k + '=...' for k in missing)}")
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}; use one of {sorted(_DTYPES)}")
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    """Run ``cfg.op``; returns the output directory."""
+    from llava_train.data import load_tokenizer
+    from llava_train.export import export_hf, import_hf, load_original, merge_lora
+
+    op, out, dtype = ExportOp(cfg.op), Path(cfg.out_dir), _DTYPES[cfg.dtype]
+    if op == ExportOp.merge:
+        _need(cfg, "model_dir", "adapter_dir")
+        merge_lora(cfg.model_dir, cfg.adapter_dir, dtype=dtype).save_pretrained(out)
+        if cfg.tokenizer is not None:
+            load_tokenizer(cfg.tokenizer).save_pretrained(out)
+    elif op == ExportOp.hf:
+        _need(cfg, "model_dir", "tokenizer")
+        export_hf(load_original(cfg.model_dir, dtype=dtype), load_tokenizer(cfg.tokenizer), out)
+    else:
+        _need(cfg, "model_dir")
+        import_hf(cfg.model_dir, dtype=dtype).save_pretrained(out)
+    logger.info("%s -> %s", op.value, out)
+    return out
