@@ -45,7 +45,7 @@ def _lora_run(base_dir, adapter_dir):
     model.save_pretrained(base_dir)
     stage = StageConfig(name="finetune_lora", pretrain_mm_mlp_adapter=None, lora=LoraConfig(r=4, alpha=8))
     peft_model = apply_stage(model, stage)
-    for name, p in peft_model.named_parameters():
+    for p in peft_model.parameters():
         if p.requires_grad:  # lora_B starts at zero: move everything trainable so the merge matters
             p.add_(0.05 * torch.randn_like(p))
     state = peft_model.state_dict()

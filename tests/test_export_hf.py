@@ -14,8 +14,8 @@ from PIL import Image
 
 from llava_train.constants import IMAGE_TOKEN_INDEX
 from llava_train.data import build_image_processor, load_tokenizer, process_images, tokenizer_image_token
-from llava_train.export import export_hf, import_hf, native_kind
 from llava_train.data.image import CLIP_STD
+from llava_train.export import export_hf, import_hf, native_kind
 from llava_train.model import ModelConfig, build_llava_config, build_model
 
 LOGITS_ATOL = 1e-4
