@@ -12,7 +12,9 @@ Defaults live in the dataclasses; the stage presets in conf/stage/*.yaml hold LL
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -226,6 +228,12 @@ def to_typed(cfg: DictConfig) -> Config:
             "No stage chosen. Add one of: stage=pretrain | stage=finetune | stage=finetune_lora "
             "(`+stage=...` works too), e.g. `python launch/train.py stage=pretrain`."
         )
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(
+            f"Unknown config keys {unknown} (a typo, or `+key=` added a key the schema does not have). "
+            "Valid keys are the fields of the dataclasses in llava_train/config.py and the model / data configs."
+        )
     missing = missing_keys(cfg)
     if missing:
         raise ValueError(
@@ -235,6 +243,22 @@ def to_typed(cfg: DictConfig) -> Config:
     typed: Config = OmegaConf.to_object(cfg)
     check_consistency(typed)
     return typed
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys that are no field of the schema: Hydra's `+group.key=value` slips past struct mode."""
+
+    def walk(node, cls, prefix: str):
+        if not (dataclasses.is_dataclass(cls) and isinstance(node, dict)):
+            return
+        hints = typing.get_type_hints(cls)
+        for k, v in node.items():
+            if k not in hints:
+                yield prefix + k
+            else:
+                yield from walk(v, hints[k], f"{prefix}{k}.")
+
+    return sorted(walk(OmegaConf.to_container(cfg, resolve=False), Config, ""))
 
 
 def missing_keys(cfg: DictConfig) -> list[str]:
