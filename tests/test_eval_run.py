@@ -143,3 +143,30 @@ def test_torchrun_two_ranks_match_one_process(workdir):
     assert [a["text"] for a in two] == [a["text"] for a in one]
     assert json.loads((workdir / "two" / "answers.metrics.json").read_text())["world_size"] == 2
     assert not list((workdir / "two").glob("*.rank*"))
+
+
+def test_transformers_native_export_gives_the_same_answers(workdir, monkeypatch):
+    """launch/export.py's native llava dir is evaluated like the checkpoint it came from."""
+    import transformers
+
+    from llava_train.export import export_hf
+
+    try:  # as tests/test_export_hf.py: mistral-common is installed --no-deps, its backend cannot import
+        transformers.MistralCommonBackend  # noqa: B018
+    except ImportError:
+        monkeypatch.setitem(vars(transformers), "MistralCommonBackend", type("Unavailable", (), {}))
+
+    tokenizer = load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(preset="tiny", image_aspect_ratio="pad", mm_patch_merge_type="flat"), tokenizer
+    )
+    model.save_pretrained(workdir / "pad_model")
+    tokenizer.save_pretrained(workdir / "pad_model")
+    export_hf(model, tokenizer, workdir / "native")
+    ours = {**_paths(workdir, "ours"), "model_dir": str(workdir / "pad_model")}
+    native = {**_paths(workdir, "native_out"), "model_dir": str(workdir / "native")}
+    run_eval(**ours, template="chatml", batch_size=4, max_new_tokens=4)
+    run_eval(**native, template="chatml", batch_size=4, max_new_tokens=4)
+    texts = [a["text"] for a in read_jsonl(ours["answers_file"])]
+    assert [a["text"] for a in read_jsonl(native["answers_file"])] == texts

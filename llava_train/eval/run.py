@@ -1,8 +1,9 @@
 """Evaluate a saved model on a question file: load, generate (sharded under torchrun), write, score.
 
-The model directory is a full ``LlavaLlamaForCausalLM`` checkpoint (a finetune run dir, or an export);
-a projector-only (stage 1) or LoRA run dir must be merged first (launch/export.py). The tokenizer
-comes from the model directory unless ``tokenizer`` names one ("smollm2", "mistral", a directory).
+The model directory is a full LLaVA-Llama checkpoint (a finetune run dir, an original release) or a
+transformers-native llava / llava_next export; a projector-only (stage 1) or LoRA run dir must be
+merged first (launch/export.py). The tokenizer comes from the model directory unless ``tokenizer``
+names one ("smollm2", "mistral", a directory).
 The conversation template is required: given explicitly, or read from the ``data.template`` of the
 run's resolved ``config.yaml`` next to the weights (the record of how the model was trained).
 
@@ -25,6 +26,8 @@ from omegaconf import MISSING
 
 logger = logging.getLogger(__name__)
 
+# transformers-native checkpoints (launch/export.py output), imported back into our model class.
+NATIVE_MODEL_TYPES = ("llava", "llava_next")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,7 +89,6 @@ def load_eval_model(
 ) -> tuple[Any, Any, Any]:
     """(model, tokenizer, image processor) of a saved LLaVA checkpoint, in eval mode on ``device``."""
     from llava_train.data import build_image_processor, load_tokenizer
-    from llava_train.model import LlavaLlamaForCausalLM
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}; use one of {sorted(_DTYPES)}")
@@ -97,13 +99,24 @@ def load_eval_model(
             f"{model_dir} holds no tokenizer; pass tokenizer=<smollm2 | mistral | tokenizer dir> (the training one)"
         )
     tok = load_tokenizer(tokenizer or str(model_dir))
-    model = LlavaLlamaForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
+    model = _load_weights(Path(model_dir), _DTYPES[dtype])
     tower = model.get_vision_tower()
     if tower is None:
         raise ValueError(f"{model_dir} is a plain LLM (no mm_vision_tower in its config), not a LLaVA model")
     tower.load_model()  # pretrained CLIP named in the config (no-op when the checkpoint holds the tower)
     model.to(device=resolve_device(device), dtype=_DTYPES[dtype]).eval()
     return model, tok, build_image_processor(tower.image_size)
+
+
+def _load_weights(model_dir: Path, dtype: torch.dtype) -> Any:
+    """Our / original LLaVA-Llama layout (strict key check), or a transformers-native llava dir."""
+    from llava_train.export import import_hf, load_original
+
+    config = json.loads((model_dir / "config.json").read_text())
+    # Original releases also say model_type "llava", but keep the mm_* keys at the top level.
+    if config.get("model_type") in NATIVE_MODEL_TYPES and "mm_vision_tower" not in config:
+        return import_hf(model_dir, dtype)
+    return load_original(model_dir, dtype)
 
 
 def init_distributed(device: torch.device) -> None:
