@@ -236,3 +236,14 @@ def test_json_index_cache_and_in_memory_fallback(root):
     (root / "blocker").write_text("not a directory")
     packed = json_source(path, cache_dir=str(root / "blocker"))
     assert isinstance(packed, PackedSource) and [packed.record(i) for i in range(4)] == GOOD
+
+
+def test_vision_spec_from_model_config():
+    from types import SimpleNamespace
+
+    tiny = SimpleNamespace(
+        mm_vision_config={"image_size": 56, "patch_size": 14}, mm_patch_merge_type="spatial_unpad"
+    )
+    assert VisionSpec.from_model_config(tiny) == VisionSpec(56, 4, "spatial_unpad", False)
+    big = SimpleNamespace(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_use_im_start_end=True)
+    assert VisionSpec.from_model_config(big) == VisionSpec(336, 24, "flat", True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +70,22 @@ class VisionSpec:
     def from_model_config(cls, config: Any) -> VisionSpec:
         """Read a LlavaConfig-like object (mm_* keys; optional mm_vision_config dict)."""
         vision = getattr(config, "mm_vision_config", None) or {}
-        crop = int(vision.get("image_size", getattr(config, "mm_image_size", 336)))
-        patch = int(vision.get("patch_size", getattr(config, "mm_patch_size", 14)))
+        if not isinstance(vision, dict):
+            vision = vision.to_dict()
+        name_patch, name_size = _sizes_from_tower_name(getattr(config, "mm_vision_tower", None) or "")
+        crop = int(vision.get("image_size", name_size))
+        patch = int(vision.get("patch_size", name_patch))
         return cls(
             crop_size=crop,
             patches_per_side=crop // patch,
             mm_patch_merge_type=getattr(config, "mm_patch_merge_type", "flat") or "flat",
             mm_use_im_start_end=bool(getattr(config, "mm_use_im_start_end", False)),
         )
+
+
+def _sizes_from_tower_name(name: str) -> tuple[int, int]:
+    """(patch, image size) from a CLIP tower name like 'openai/clip-vit-large-patch14-336' (default 14, 336)."""
+    match = re.search(r"patch(\d+)(?:-(\d+))?", name)
+    if not match:
+        return 14, 336
+    return int(match.group(1)), int(match.group(2) or 224)

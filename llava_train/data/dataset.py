@@ -178,7 +178,8 @@ class LazySupervisedDataset(Dataset):
                 self._count("truncated_samples")
                 self._count("truncated_turns", len(tokens.round_ends) - keep)
                 return cut, images[: cut.num_images]
-        first = self.exact_length(tokens.truncated(1), sizes)
+        one_round = tokens.truncated(1)
+        first = self.exact_length(one_round, sizes[: one_round.num_images])
         raise BadRecordError(
             "too_long", f"its first round alone is {first} tokens > model_max_length={limit}"
         )
@@ -255,9 +256,15 @@ def _image_paths_loose(image: Any) -> list[Any]:
 
 
 def build_dataset(
-    cfg: DataConfig, tokenizer: Any, image_processor: Any, vision: VisionSpec | None = None
+    cfg: DataConfig, tokenizer: Any, image_processor: Any, vision: VisionSpec | Any | None = None
 ) -> LazySupervisedDataset:
-    """The dataset for ``cfg.data_path`` (.json, .jsonl, .yaml mixture, or HF dataset dir)."""
+    """The dataset for ``cfg.data_path`` (.json, .jsonl, .yaml mixture, or HF dataset dir).
+
+    ``vision``: a VisionSpec, or the model's LlavaConfig (read by VisionSpec.from_model_config), or None
+    (crop size from the processor, patch 14, flat merge).
+    """
+    if vision is not None and not isinstance(vision, VisionSpec):
+        vision = VisionSpec.from_model_config(vision)
     from llava_train.data.hf_dataset import hf_source
     from llava_train.data.mixture import mixture_source
     from llava_train.data.sources import file_source
