@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llava_train.config import CONF_DIR
 from llava_train.eval.run import EvalRunConfig, register_eval_config, run_eval_config
 
 log = logging.getLogger("launch.eval")
@@ -21,7 +22,8 @@ log = logging.getLogger("launch.eval")
 _HYDRA_DEFAULTS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-@hydra.main(config_path=None, config_name="llava_eval", version_base="1.3")
+# The schema is registered in Hydra's ConfigStore as "llava_eval"; a conf/llava_eval.yaml would be found first.
+@hydra.main(config_path=str(CONF_DIR), config_name="llava_eval", version_base="1.3")
 def main(raw: DictConfig) -> None:
     cfg: EvalRunConfig = OmegaConf.to_object(raw)  # 1. typed config (MISSING keys fail here)
     log.info("1/2 evaluating %s on %s", cfg.model_dir, cfg.question_file)
