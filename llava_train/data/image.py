@@ -49,7 +49,8 @@ def processor_crop_size(image_processor: Any) -> int:
 
 def mean_colour(image_processor: Any) -> Colour:
     """The processor's mean as an RGB byte colour (pads normalise to zero)."""
-    return tuple(int(round(m * 255)) for m in image_processor.image_mean)  # type: ignore[return-value]
+    # Truncated, not rounded: (122, 116, 104) for CLIP, as the original LLaVA and transformers pad.
+    return tuple(int(m * 255) for m in image_processor.image_mean)  # type: ignore[return-value]
 
 
 def load_image(
