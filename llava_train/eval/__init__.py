@@ -1,7 +1,8 @@
 """Evaluation: question / answer files, answer normalisation, scores, batched generation.
 
-``llava_train.eval.generate`` (which needs torch and the model / data packages) is imported on its
-own so that scoring stays light.
+``llava_train.eval.generate`` (batched generation, torchrun sharding) and ``llava_train.eval.run``
+(``run_eval``: load a saved model, generate, write, score) need torch and the model / data packages;
+import them on their own so that scoring stays light.
 """
 
 from llava_train.eval.metrics import score, score_records, vqa_accuracy, yes_no_metrics
