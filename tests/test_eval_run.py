@@ -114,8 +114,15 @@ def test_launch_eval_cli(workdir):
 
 @pytest.mark.distributed
 def test_torchrun_two_ranks_match_one_process(workdir):
+    # Batch 1 and one thread everywhere: every question then runs the very same computation in both
+    # set-ups, so this checks sharding and merging, bit for bit (batching is checked in test_eval_generate).
     single = _paths(workdir, "one")
-    run_eval(**single, batch_size=2, max_new_tokens=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_eval(**single, batch_size=1, max_new_tokens=4)
+    finally:
+        torch.set_num_threads(threads)
     p = _paths(workdir, "two")
     torchrun = [
         sys.executable,
@@ -124,19 +131,10 @@ def test_torchrun_two_ranks_match_one_process(workdir):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(_free_port()),
     ]
-    _run(
-        [
-            *torchrun,
-            str(REPO / "launch" / "eval.py"),
-            *(f"{k}={v}" for k, v in p.items()),
-            "batch_size=2",
-            "max_new_tokens=4",
-            "device=cpu",
-        ],
-        workdir,
-    )
+    args = [*(f"{k}={v}" for k, v in p.items()), "batch_size=1", "max_new_tokens=4", "device=cpu"]
+    _run([*torchrun, str(REPO / "launch" / "eval.py"), *args], workdir)
     two = read_jsonl(p["answers_file"])
     one = read_jsonl(single["answers_file"])
     assert [a["question_id"] for a in two] == list(range(N_QUESTIONS))
