@@ -50,12 +50,18 @@ def machine() -> dict[str, Any]:
     )
 
 
+def out_dir() -> Path:
+    """benchmarks/out, or $LLAVA_BENCH_OUT (the smoke tests write there, not over the real figures)."""
+    return Path(os.environ.get("LLAVA_BENCH_OUT", OUT))
+
+
 def write(name: str, payload: dict) -> Path:
-    """benchmarks/out/<name>.json with the machine description added."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.json"
+    """<out_dir>/<name>.json with the machine description added."""
+    out = out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     path.write_text(json.dumps({"meta": machine(), **payload}, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
     return path
 
 
