@@ -138,6 +138,10 @@ def generate_batch(
             pad_token_id=tokenizer.pad_token_id,
             **_batch_images(batch, model, image_processor, image_folder),
         )  # [b, <= max_new_tokens], new tokens only
+    if new.shape[1] > max_new_tokens:  # the model API returns new tokens only (docs/INTERFACES.md)
+        raise RuntimeError(
+            f"generate returned {new.shape[1]} > max_new_tokens={max_new_tokens} tokens per row"
+        )
     return [decode_reply(row, tokenizer, stops) for row in new], prompts
 
 
