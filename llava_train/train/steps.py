@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ def setup_run(cfg: Config, raw: DictConfig) -> Path:
     """Seed everything, create the run dir, write the resolved config there (rank 0). Returns the run dir."""
     from transformers import set_seed
 
+    if cfg.deepspeed.config_file:
+        check_stale_extension_locks()
     set_seed(cfg.training.seed)
     run_dir = Path(cfg.training.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +46,20 @@ def setup_run(cfg: Config, raw: DictConfig) -> Path:
         OmegaConf.save(raw, run_dir / "config.yaml", resolve=True)
     logger.info("run dir %s (world size %s)", run_dir.resolve(), os.environ.get("WORLD_SIZE", "1"))
     return run_dir
+
+
+def check_stale_extension_locks(max_age_s: float = 600.0) -> None:
+    """DeepSpeed JIT-builds its comm op under torch's extension cache, guarded by a `lock` file. A build that
+    was killed leaves the lock behind and every later run waits on it forever: refuse, and say how to fix it."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    now = time.time()
+    stale = [p for p in root.glob("*/*/lock") if now - p.stat().st_mtime > max_age_s]
+    if stale:
+        raise RuntimeError(
+            f"stale torch-extension build lock(s) {[str(p) for p in stale]} (older than {max_age_s:.0f} s: a "
+            "killed DeepSpeed JIT build). The run would hang waiting for it. If no build is running, remove it: "
+            f"rm {' '.join(str(p) for p in stale)}"
+        )
 
 
 def build_tokenizer(cfg: Config) -> Any:
