@@ -83,13 +83,16 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
     from llava_train.data.config import VisionSpec
     from llava_train.data.dataset import build_dataset
     from llava_train.data.image import build_image_processor
+    from llava_train.model.anyres import is_anyres
 
     config = _base_config(model)
     data_cfg = cfg.data
-    if data_cfg.image_aspect_ratio != config.image_aspect_ratio:
+    # pad / square data on an anyres model is fine (one crop per image, as LLaVA-1.6's stage 1 does);
+    # anyres data on a model without anyres merging is not.
+    if is_anyres(data_cfg.image_aspect_ratio) and not is_anyres(config.image_aspect_ratio):
         raise ValueError(
-            f"data.image_aspect_ratio={data_cfg.image_aspect_ratio!r} but the model uses "
-            f"{config.image_aspect_ratio!r}: set data.image_aspect_ratio={config.image_aspect_ratio}."
+            f"data.image_aspect_ratio={data_cfg.image_aspect_ratio!r} but the model merges "
+            f"{config.image_aspect_ratio!r} images: set data.image_aspect_ratio={config.image_aspect_ratio}."
         )
     if data_cfg.image_grid_pinpoints is None and config.image_grid_pinpoints:
         data_cfg = dataclasses.replace(data_cfg, image_grid_pinpoints=json.dumps(config.image_grid_pinpoints))
