@@ -6,7 +6,7 @@ with the trainer's ``apply_stage`` (LoRA r=128 on the decoder linears, as the fi
 long-tailed text, <= 512 tokens). Reported: peak RSS (VmHWM), RSS after imports, after building the model,
 and parameter counts.
 
-    .venv/bin/python benchmarks/bench_memory.py [--steps 3]
+    .venv/bin/python benchmarks/bench_memory.py [--steps 2]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def child(model_name: str, stage: str, steps: int) -> dict:
     )
 
 
-def main(steps: int = 3, models: tuple[str, ...] = ("tiny", "100m")) -> dict:
+def main(steps: int = 2, models: tuple[str, ...] = ("tiny", "100m")) -> dict:
     results = []
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}"}
     for model_name in models:
@@ -110,7 +110,7 @@ def main(steps: int = 3, models: tuple[str, ...] = ("tiny", "100m")) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "STAGE"))
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--models", default="tiny,100m")
     a = parser.parse_args()
     if a.child:

@@ -60,14 +60,14 @@ def summary() -> list[dict]:
         rows.append(
             dict(
                 goal="train step unpacked >= 1.0x HF",
-                figure=f"{by['ours']['vs_hf']}x",
+                figure=f"{by['ours']['vs_hf']}x (best {by['ours'].get('vs_hf_min')}x)",
                 met=by["ours"]["vs_hf"] >= 1.0,
             )
         )
         rows.append(
             dict(
                 goal="train step packed >= 1.5x HF",
-                figure=f"{by['ours_packed']['vs_hf']}x",
+                figure=f"{by['ours_packed']['vs_hf']}x (best {by['ours_packed'].get('vs_hf_min')}x)",
                 met=by["ours_packed"]["vs_hf"] >= 1.5,
             )
         )
