@@ -17,6 +17,7 @@ save): `latest_complete_checkpoint` reports and skips it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,6 +70,8 @@ def finalize_checkpoint(staged: Path, final: Path, step: int) -> None:
     if final.exists():  # an older incomplete (or superseded) write of the same step
         shutil.rmtree(final)
     os.replace(staged, final)
+    with contextlib.suppress(OSError):  # the staging parent, when no other checkpoint is being written
+        staged.parent.rmdir()
     marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     tmp = final / (COMPLETE_MARKER + ".tmp")
     tmp.write_text(json.dumps(marker) + "\n")
