@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -201,6 +202,9 @@ class LlavaTrainer(Trainer):
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         self._staging_parent = str(run_dir / ckpt.STAGING_DIR)
+        if self.args.should_save:  # leftovers of an earlier interrupted save of this step
+            shutil.rmtree(run_dir / ckpt.STAGING_DIR / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)
         finally:
