@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from llava_train.config import LoraConfig, StageConfig
 from llava_train.constants import IMAGE_TOKEN_INDEX
-from llava_train.export import load_original, load_projector, merge_lora
+from llava_train.export import load_original, load_projector, merge_lora, merge_pretrain
 from llava_train.model import ModelConfig, build_model
 from llava_train.train.checkpoint import save_stage_weights
 from llava_train.train.stages import apply_stage
@@ -145,3 +145,23 @@ def test_launch_export_cli_typo_fails_at_start():
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "adaptor_dir" in result.stderr + result.stdout
+
+
+@torch.no_grad()
+def test_merge_pretrain_folds_stage1_projector_and_tower(tmp_path):
+    """A pretrain run that tuned projector + tower, folded into the base: same logits as the trained model."""
+    _tiny().save_pretrained(tmp_path / "base")
+    trained = _tiny()
+    stage = StageConfig(name="pretrain", pretrain_mm_mlp_adapter=None, tune_vision_tower=True)
+    trained = apply_stage(trained, stage)
+    for p in trained.parameters():
+        if p.requires_grad:
+            p.add_(0.05 * torch.randn_like(p))
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    written = save_stage_weights(str(tmp_path / "s1"), "pretrain", trained.state_dict(), trainable)
+    assert written == ["mm_projector.safetensors", "vision_tower.safetensors"]
+    merged = merge_pretrain(tmp_path / "base", tmp_path / "s1")
+    assert torch.equal(_logits(merged), _logits(trained.eval()))
+    assert not torch.equal(_logits(merged), _logits(_tiny()))
+    with pytest.raises(FileNotFoundError, match="pretrain"):
+        merge_pretrain(tmp_path / "base", tmp_path / "base")

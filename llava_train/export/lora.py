@@ -108,3 +108,32 @@ def merge_lora(
     merged = peft_model.merge_and_unload()
     logger.info("merged LoRA from %s (+ %d non-LoRA tensors)", adapter_dir, len(loaded))
     return merged.eval()
+
+
+PRETRAIN_FILES = ("mm_projector.safetensors", "vision_tower.safetensors")  # as llava_train.train.checkpoint
+
+
+def merge_pretrain(
+    base: str | os.PathLike | LlavaLlamaForCausalLM,
+    pretrain_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+) -> LlavaLlamaForCausalLM:
+    """Base + a ``pretrain`` (stage 1) run's projector (+ tower, when it trained) -> one full model.
+
+    Stage 2 usually needs only the projector (``stage.pretrain_mm_mlp_adapter``); when stage 1 also
+    trained the vision tower (the demo's random tower), this folds both into a model directory that
+    stage 2 starts from (``model.llm_path``) and that a later LoRA merge uses as its base.
+    """
+    pretrain_dir = Path(pretrain_dir)
+    projector, tower = (pretrain_dir / name for name in PRETRAIN_FILES)
+    if not projector.is_file():
+        raise FileNotFoundError(
+            f"pretrain_dir {str(pretrain_dir)!r} has no {PRETRAIN_FILES[0]}: pass the run dir (or a "
+            "checkpoint dir) of a `pretrain` stage"
+        )
+    model = load_base(base, dtype)
+    loaded = load_non_lora(model, projector)
+    if tower.is_file():
+        loaded += load_non_lora(model, tower)
+    logger.info("merged stage-1 weights from %s (%d tensors)", pretrain_dir, len(loaded))
+    return model.eval()

@@ -1,6 +1,7 @@
 """The export operations behind launch/export.py, driven by one typed config (Hydra structured config).
 
-    merge      base (model dir) + adapter_dir (finetune_lora checkpoint) -> a full model dir (ours)
+    merge           base (model dir) + adapter_dir (finetune_lora checkpoint) -> a full model dir (ours)
+    merge_pretrain  base (model dir) + adapter_dir (pretrain run: projector [+ tower]) -> a full model dir
     hf         model_dir (ours) + tokenizer -> a transformers-native Llava / LlavaNext dir
     import_hf  model_dir (transformers-native) -> a model dir of ours
 
@@ -24,6 +25,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class ExportOp(str, Enum):
     merge = "merge"
+    merge_pretrain = "merge_pretrain"
     hf = "hf"
     import_hf = "import_hf"
 
@@ -35,7 +37,9 @@ class ExportConfig:
     op: ExportOp = MISSING
     out_dir: str = MISSING
     model_dir: str | None = None  # merge: the LoRA run's base model; hf / import_hf: the model to convert
-    adapter_dir: str | None = None  # merge: the finetune_lora checkpoint dir
+    adapter_dir: str | None = (
+        None  # merge: the finetune_lora checkpoint dir; merge_pretrain: the pretrain run
+    )
     tokenizer: str | None = None  # merge / hf: "mistral", "smollm2" or a tokenizer dir (saved with the model)
     dtype: str = "float32"
 
@@ -58,12 +62,13 @@ def _need(cfg: ExportConfig, *keys: str) -> None:
 def run_export(cfg: ExportConfig) -> Path:
     """Run ``cfg.op``; returns the output directory."""
     from llava_train.data import load_tokenizer
-    from llava_train.export import export_hf, import_hf, load_original, merge_lora
+    from llava_train.export import export_hf, import_hf, load_original, merge_lora, merge_pretrain
 
     op, out, dtype = ExportOp(cfg.op), Path(cfg.out_dir), _DTYPES[cfg.dtype]
-    if op == ExportOp.merge:
+    if op in (ExportOp.merge, ExportOp.merge_pretrain):
         _need(cfg, "model_dir", "adapter_dir")
-        merge_lora(cfg.model_dir, cfg.adapter_dir, dtype=dtype).save_pretrained(out)
+        merge = merge_lora if op == ExportOp.merge else merge_pretrain
+        merge(cfg.model_dir, cfg.adapter_dir, dtype=dtype).save_pretrained(out)
         if cfg.tokenizer is not None:
             load_tokenizer(cfg.tokenizer).save_pretrained(out)
     elif op == ExportOp.hf:
