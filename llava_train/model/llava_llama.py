@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import (
     AutoConfig,
@@ -21,8 +22,10 @@ from transformers import (
     LlamaModel,
 )
 from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
+from llava_train.constants import IGNORE_INDEX
 from llava_train.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 
 
@@ -106,6 +109,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM, LlavaPreTrai
         ``cache`` is transformers 5's name for ``past_key_values``; either is accepted.
         ``seq_ids`` [b, s] (packed rows, data/packing.py: sample index per token, 0 = padding) replaces
         attention_mask / position_ids: positions restart per sample and no token attends across samples.
+        In training mode with labels, logits are computed only where a label is supervised (see
+        :meth:`_supervised_loss`) and the output's ``logits`` is None; eval mode returns full logits.
         """
         cache = cache if cache is not None else past_key_values
         if seq_ids is not None and inputs_embeds is not None:
@@ -125,6 +130,19 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM, LlavaPreTrai
             )
         if return_dict is not None:
             kwargs["return_dict"] = return_dict
+        if labels is not None and self.training:
+            num_items = kwargs.pop("num_items_in_batch", None)
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            loss = self._supervised_loss(outputs.last_hidden_state, labels, num_items)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -135,6 +153,23 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM, LlavaPreTrai
             use_cache=use_cache,
             **kwargs,
         )
+
+    def _supervised_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """Next-token cross-entropy from the lm_head rows that are supervised, summed / supervised count.
+
+        Same value as transformers' causal-LM loss, without the [b, T, vocab] logits: in LLaVA batches
+        most positions (image features, prompts, padding) are IGNORE_INDEX, and the vocab projection
+        of those rows was most of a small model's step. ``num_items_in_batch`` (supervised tokens
+        across gradient accumulation) is the divisor when given; an all-ignored batch gives loss 0.
+        """
+        targets = labels[:, 1:].to(hidden.device)  # [b, T-1] the token each position predicts
+        keep = targets != IGNORE_INDEX  # [b, T-1]
+        logits = self.lm_head(hidden[:, :-1][keep]).float()  # [n_sup, V]
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        denom = keep.sum() if num_items_in_batch is None else num_items_in_batch
+        return loss / torch.as_tensor(denom, device=loss.device).clamp(min=1)
 
     @torch.no_grad()
     def generate(
