@@ -23,7 +23,7 @@ from llava_train.data.packing import (
 )
 from llava_train.data.sampler import build_sampler
 from llava_train.model import ModelConfig, build_model
-from llava_train.model.anyres import get_anyres_image_grid_shape
+from llava_train.model.anyres import get_anyres_image_grid_shape, num_image_tokens
 from llava_train.model.llava_arch import packed_attention_mask, packed_position_ids
 
 VOCAB = 500
@@ -63,12 +63,24 @@ def _sample(rng: random.Random, model, n_img: int, sid: str) -> dict:
     pixels = None
     if images:
         pixels = images if anyres else torch.cat(images)
+    image_tokens = [
+        num_image_tokens(
+            size,
+            image_aspect_ratio=model.config.image_aspect_ratio,
+            mm_patch_merge_type=model.config.mm_patch_merge_type,
+            image_grid_pinpoints=model.config.image_grid_pinpoints,
+            crop_size=side,
+            patches_per_side=model.get_vision_tower().num_patches_per_side,
+        )
+        for size in sizes
+    ]
     return {
         "input_ids": torch.tensor(ids),
         "labels": labels,
         "images": pixels,
         "image_sizes": sizes,
         "sample_id": sid,
+        "length": len(ids) - n_img + sum(image_tokens),  # exact, as the dataset reports it
     }
 
 
@@ -110,6 +122,20 @@ def test_packed_loss_and_grads_equal_unpacked(aspect, merge, attn):
     assert packed["seq_ids"].shape == packed["input_ids"].shape
     assert packed["seq_ids"][0].unique().tolist() == [1, 2, 3]
     loss, grads = _loss_and_grads(model, packed, n)
+    with torch.no_grad():  # the exact lengths packing relies on are the merged lengths
+        merged = model.prepare_inputs_labels_for_multimodal(
+            packed["input_ids"],
+            None,
+            None,
+            None,
+            None,
+            packed["images"],
+            packed["image_sizes"],
+            packed["seq_ids"],
+        )[1]  # position ids [b, T]
+    assert merged.shape[1] == max(
+        sum(s["length"] for s in samples[:3]), sum(s["length"] for s in samples[3:])
+    )
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert grads.keys() == grads_ref.keys()
     for name in grads:
@@ -186,8 +212,6 @@ def test_pack_lengths_is_first_fit_decreasing_and_respects_modality():
 class _ToyDataset(torch.utils.data.Dataset):
     def __init__(self, model):
         self.samples = _samples(model, [1, 0, 1, 0, 2, 1, 0, 1], seed=3)
-        for s in self.samples:
-            s["length"] = len(s["input_ids"])  # text-only geometry is exact; images checked separately
 
     def __len__(self):
         return len(self.samples)
@@ -205,14 +229,14 @@ class _ToyDataset(torch.utils.data.Dataset):
 def test_packed_dataset_with_modality_sampler_and_length_check():
     model = _model("pad", "flat")
     data = _ToyDataset(model)
-    packed = build_packed_dataset(data, max_length=40, by_modality=True)
+    packed = build_packed_dataset(data, max_length=80, by_modality=True)
     assert isinstance(packed, PackedDataset)
     assert sorted(i for p in packed.packs for i in p) == list(range(len(data)))
     order = list(build_sampler(packed, batch_size=2, seed=0, by_modality=True))
     assert set(order) == set(range(len(packed)))
     for pack in packed:
         assert len({s["images"] is None for s in pack}) == 1  # single-modality rows
-    batch = PackingCollator(0, max_length=40)([packed[i] for i in order[:2]])
+    batch = PackingCollator(0, max_length=80)([packed[i] for i in order[:2]])
     assert batch["input_ids"].shape[0] == 2
     with pytest.raises(ValueError, match="exact lengths"):
         PackingCollator(0, max_length=5)([packed[0]])
