@@ -22,6 +22,14 @@ How it works, end to end:
    a block-diagonal causal 4D mask for sdpa / eager, position-id packing (varlen) for flash attention.
 
 Packing is computed once from the lengths (deterministic); epochs reshuffle the order of packs.
+
+Trainer wiring (``data.packing=true``)::
+
+    dataset = build_packed_dataset(dataset, cfg.data.model_max_length,
+                                   by_modality=cfg.data.group_by_modality_length)
+    collator = PackingCollator(tokenizer, max_length=cfg.data.model_max_length)
+    # per_device_train_batch_size now counts packed rows (1-2); build_sampler(dataset, ...) works on the
+    # packs; count_supervised_tokens needs no change (each sample's first label is IGNORE_INDEX).
 """
 
 from __future__ import annotations
