@@ -240,3 +240,17 @@ def test_packed_dataset_with_modality_sampler_and_length_check():
     assert batch["input_ids"].shape[0] == 2
     with pytest.raises(ValueError, match="exact lengths"):
         PackingCollator(0, max_length=5)([packed[0]])
+
+
+def test_position_id_packing_equals_block_mask(monkeypatch):
+    """Without a 4D mask (the flash-attention path), transformers reads the packing from the position ids."""
+    from llava_train.model import llava_arch
+
+    model = _model("pad", "flat")
+    samples = _samples(model, [1, 0, 2, 1], seed=5)
+    batch = _strip(PackingCollator(0)([samples[:3], samples[3:]]))
+    with torch.no_grad():
+        block = model(**batch).logits
+        monkeypatch.setattr(llava_arch, "packed_attention_mask", lambda *args: None)
+        by_position = model(**batch).logits
+    torch.testing.assert_close(by_position, block, rtol=1e-5, atol=1e-5)

@@ -115,6 +115,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM, LlavaPreTrai
         cache = cache if cache is not None else past_key_values
         if seq_ids is not None and inputs_embeds is not None:
             raise ValueError("seq_ids (packing) needs input_ids, not inputs_embeds")
+        if seq_ids is not None:
+            # A KV cache of packed rows is meaningless, and transformers reads packing from the position
+            # ids (flash-attention varlen, or no 4D mask) only when no cache is passed.
+            use_cache = False
         if inputs_embeds is None:
             input_ids, position_ids, attention_mask, cache, inputs_embeds, labels = (
                 self.prepare_inputs_labels_for_multimodal(
