@@ -55,11 +55,11 @@ def parse_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]], patch_si
     if isinstance(grid_pinpoints, str) and "x" in grid_pinpoints:
         corners = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", grid_pinpoints)]
         if len(corners) < 2:
-            raise ValueError(f"cannot parse grid pinpoints range {grid_pinpoints!r}; expected '(1x1),...,(6x6)'")
+            raise ValueError(
+                f"cannot parse grid pinpoints range {grid_pinpoints!r}; expected '(1x1),...,(6x6)'"
+            )
         (w0, h0), (w1, h1) = corners[0], corners[-1]
-        return [
-            (i * patch_size, j * patch_size) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)
-        ]
+        return [(i * patch_size, j * patch_size) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
     if isinstance(grid_pinpoints, str):
         grid_pinpoints = ast.literal_eval(grid_pinpoints)
     return [(int(w), int(h)) for w, h in grid_pinpoints]
@@ -159,4 +159,6 @@ def num_image_tokens(
         if max_patches is not None:
             height, width = anyres_max_shape(height, width, max_patches, patches_per_side)
         return base + height * (width + 1)
-    raise ValueError(f"unknown mm_patch_merge_type {mm_patch_merge_type!r}; use flat, spatial or spatial_unpad")
+    raise ValueError(
+        f"unknown mm_patch_merge_type {mm_patch_merge_type!r}; use flat, spatial or spatial_unpad"
+    )
