@@ -113,7 +113,8 @@ def summarise(metrics: dict, out: Path) -> None:
     for name, acc, n in rows:
         print(f"{name:<16}{acc:>10.3f}{n!s:>6}")
     for key in ("single_digit", "composite"):
-        print(f"{key:<16}{metrics[key]:>10.3f}")
+        if metrics[key] is not None:
+            print(f"{key:<16}{metrics[key]:>10.3f}")
     print(f"{'overall':<16}{metrics['overall']['accuracy']:>10.3f}{metrics['overall']['n']:>6}")
     print(
         f"\nmetrics: {out / 'metrics.json'}; loss curves: {out}/stage1/loss_curve.png, {out}/stage2/loss_curve.png"

@@ -1,0 +1,30 @@
+"""`make demo` end to end in smoke mode: every step of launch/demo.py runs on a small demo set."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_every_step(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    build = [sys.executable, "data/build_demo.py", "--out", str(data), "--stage1", "64", "--stage2", "64"]
+    subprocess.run([*build, "--eval", "12"], cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "launch/demo.py", "--quick", "--data", str(data), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled", "HOME": str(Path.home())},
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == 12
+    assert 0.0 <= metrics["overall"]["accuracy"] <= 1.0
+    assert {"single_digit", "composite"} <= set(metrics)
+    for path in ("stage1/mm_projector.safetensors", "stage2/adapter_model.safetensors", "hf/config.json"):
+        assert (out / path).is_file(), path
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 12
