@@ -125,6 +125,11 @@ class TrainingConfig:
     wandb_mode: WandbMode = WandbMode.offline  # WANDB_MODE in the environment wins (tests set `disabled`)
     wandb_project: str = "llava-train"
     loss_plot: bool = True  # loss_curve.png in run_dir at the end
+    # Fault tolerance (docs/RELIABILITY.md). A NaN / inf loss or gradient norm skips the optimizer update;
+    # this many such steps in a row stop the run (a diverged run, or a batch of broken records).
+    max_nonfinite_steps: int = 5
+    # Before training: fail when run_dir's disk cannot hold one more checkpoint (weights + optimizer state).
+    check_disk_space: bool = True
 
 
 @dataclass

@@ -11,8 +11,11 @@ Layout of `<run_dir>/checkpoint-<step>/` (written by `LlavaTrainer`):
                    global_step*/ under DeepSpeed), config.json of the LLaVA model, COMPLETE
 
 A checkpoint is written under `<run_dir>/.staging/checkpoint-<step>`, renamed into place, and then marked
-with the `COMPLETE` file. A directory without the marker is a partial write (a crash or a kill during
-save): `latest_complete_checkpoint` reports and skips it.
+with the `COMPLETE` file, a JSON manifest of every file's relative path and size. A directory without the
+marker, or whose files disagree with the manifest (missing, truncated: a crash, a kill or a lost page cache
+during save), is partial: `latest_complete_checkpoint` reports why and skips it. Sizes, not hashes: hashing a
+7B checkpoint at every resume costs minutes, and a cut-short write shows up as a short or missing file.
+Markers written before the manifest existed (no "files" key) are accepted as complete.
 """
 
 from __future__ import annotations
@@ -50,19 +53,42 @@ def checkpoints(run_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
         for p in run.glob("checkpoint-*")
         if (m := _CKPT_RE.fullmatch(p.name)) and p.is_dir()
     )
-    complete = [p for _, p in found if (p / COMPLETE_MARKER).is_file()]
-    partial = [p for _, p in found if not (p / COMPLETE_MARKER).is_file()]
-    return complete, partial
+    ok = {p: not checkpoint_problems(p) for _, p in found}
+    return [p for p in ok if ok[p]], [p for p in ok if not ok[p]]
+
+
+def checkpoint_problems(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Why a checkpoint directory is not loadable ([] when it is): no / unreadable marker, or files that
+    disagree with the marker's manifest."""
+    ckpt = Path(ckpt_dir)
+    try:
+        marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
+    except FileNotFoundError:
+        return [f"no {COMPLETE_MARKER} marker: the save was interrupted"]
+    except (OSError, ValueError) as e:
+        return [f"unreadable {COMPLETE_MARKER} marker ({e})"]
+    problems = []
+    for rel, size in (marker.get("files") or {}).items():
+        path = ckpt / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{rel} has {path.stat().st_size} bytes, the manifest says {size}")
+    return problems
 
 
 def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint with a completion marker; partial ones are logged and skipped."""
+    """The newest complete, verified checkpoint; partial ones are logged with the reason and skipped."""
     complete, partial = checkpoints(run_dir)
     for p in partial:
-        logger.warning(
-            "ignoring partial checkpoint %s (no %s marker: the save was interrupted)", p, COMPLETE_MARKER
-        )
+        logger.warning("ignoring partial checkpoint %s: %s", p, "; ".join(checkpoint_problems(p)))
     return complete[-1] if complete else None
+
+
+def manifest(ckpt_dir: Path) -> dict[str, int]:
+    """Relative path -> size of every file under a checkpoint directory (the marker excluded)."""
+    files = (p for p in sorted(ckpt_dir.rglob("*")) if p.is_file())
+    return {str(p.relative_to(ckpt_dir)): p.stat().st_size for p in files if p.name != COMPLETE_MARKER}
 
 
 def finalize_checkpoint(staged: Path, final: Path, step: int) -> None:
@@ -72,7 +98,7 @@ def finalize_checkpoint(staged: Path, final: Path, step: int) -> None:
     os.replace(staged, final)
     with contextlib.suppress(OSError):  # the staging parent, when no other checkpoint is being written
         staged.parent.rmdir()
-    marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": manifest(final)}
     tmp = final / (COMPLETE_MARKER + ".tmp")
     tmp.write_text(json.dumps(marker) + "\n")
     os.replace(tmp, final / COMPLETE_MARKER)

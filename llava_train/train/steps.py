@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llava_train.config import Config, StageName
 from llava_train.train import checkpoint as ckpt
+from llava_train.train import faults
 from llava_train.train.trainer import LlavaTrainer, build_training_args, plot_loss_curve
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def setup_run(cfg: Config, raw: DictConfig) -> Path:
         check_stale_extension_locks()
     set_seed(cfg.training.seed)
     run_dir = Path(cfg.training.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    faults.check_writable(run_dir)  # now, not at the first save hours later
     if is_main_process():
         OmegaConf.save(raw, run_dir / "config.yaml", resolve=True)
     logger.info("run dir %s (world size %s)", run_dir.resolve(), os.environ.get("WORLD_SIZE", "1"))
@@ -135,7 +136,21 @@ def train(trainer: LlavaTrainer, cfg: Config) -> Any:
             )
         else:
             logger.info("resuming from %s", resume)
+    if cfg.training.check_disk_space:
+        check_disk_space(trainer, cfg)
     return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def check_disk_space(trainer: LlavaTrainer, cfg: Config) -> None:
+    """Fail before training when run_dir's disk cannot hold one more checkpoint."""
+    full = StageName(cfg.stage.name) == StageName.finetune
+    needed = faults.checkpoint_bytes(
+        trainer.model, full_model=full, deepspeed=bool(cfg.deepspeed.config_file)
+    )
+    faults.check_free_space(cfg.training.run_dir, needed)
+    logger.info(
+        "one checkpoint needs about %.1f MiB: enough free space in %s", needed / 2**20, cfg.training.run_dir
+    )
 
 
 def save_final(trainer: LlavaTrainer, cfg: Config) -> Path:

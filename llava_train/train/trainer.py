@@ -7,7 +7,10 @@ What the subclass changes, and only that:
   or `data.group_by_length`;
 - `num_items_in_batch`: supervised tokens counted the way the model's loss counts them (below);
 - what a checkpoint holds per stage (llava_train/train/checkpoint.py), written atomically;
-- resume without DeepSpeed for the projector-only and LoRA checkpoints.
+- resume without DeepSpeed for the projector-only and LoRA checkpoints;
+- fault tolerance (faults.py): SIGTERM / SIGINT save a checkpoint and exit 128 + signum, a non-finite loss or
+  gradient norm skips the optimizer update, a checkpoint carries the bad-record and skipped-step counters,
+  and a resume refuses a checkpoint whose files disagree with its manifest.
 
 Loss normalisation across gradient accumulation. The model returns sum(token CE) / num_items_in_batch when
 the Trainer passes `num_items_in_batch`, and the Trainer does not divide again by the accumulation steps, so
@@ -38,6 +41,7 @@ from llava_train.config import (
 )
 from llava_train.constants import IGNORE_INDEX
 from llava_train.train import checkpoint as ckpt
+from llava_train.train import faults
 from llava_train.train.stages import component_of
 
 logger = logging.getLogger(__name__)
@@ -142,7 +146,49 @@ class LlavaTrainer(Trainer):
 
     def __init__(self, *args, llava_cfg: Config, **kwargs):
         self.llava_cfg = llava_cfg
+        self.nonfinite = faults.NonFiniteGuard(llava_cfg.training.max_nonfinite_steps)
+        self.graceful_stop = faults.GracefulStop()
+        self.bad_record_counts: dict[str, int] = {}  # as of the last batch trained on (checkpointed)
+        dataset = kwargs.get("train_dataset")
+        if hasattr(dataset, "bad_record_stats") and kwargs.get("data_collator") is not None:
+            kwargs["data_collator"] = faults.CountingCollator(kwargs["data_collator"], dataset)
         super().__init__(*args, **kwargs)
+        self.add_callback(self.graceful_stop)
+
+    # ---- training loop: fault state, signal handlers -----------------------------------------
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """Trainer.train with the signal handlers installed for its duration and the fault state restored."""
+        if resume_from_checkpoint:
+            problems = ckpt.checkpoint_problems(resume_from_checkpoint)
+            if problems:
+                raise ValueError(
+                    f"refusing to resume from {resume_from_checkpoint}: {'; '.join(problems)}. "
+                    "Pick a complete one (checkpoint.latest_complete_checkpoint) or training.resume=true."
+                )
+            self.bad_record_counts = faults.load_fault_state(
+                resume_from_checkpoint, self.train_dataset, self.nonfinite
+            )
+        self.graceful_stop.install()
+        try:
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.graceful_stop.uninstall()
+        if self.graceful_stop.signum:
+            self._stop_for_signal(self.graceful_stop.signum)
+        return result
+
+    def _stop_for_signal(self, signum: int) -> None:
+        step = self.state.global_step
+        if not (Path(self.args.output_dir) / f"checkpoint-{step}" / ckpt.COMPLETE_MARKER).is_file():
+            self._save_checkpoint(self.model, trial=None)  # the signal came after the last step's end
+        exc = faults.Preempted(signum, step, self.args.output_dir)
+        logger.error(exc.message)
+        raise exc
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs["nonfinite_skipped"] = self.nonfinite.skipped
+        super().log(logs, *args, **kwargs)
 
     # ---- optimizer -------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -153,6 +199,8 @@ class LlavaTrainer(Trainer):
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
         )
+        # Under DeepSpeed this AdamW is ZeRO's inner optimizer: skipping it leaves the master weights unchanged.
+        self.nonfinite.guard_optimizer(self.optimizer)
         return self.optimizer
 
     # ---- sampler ---------------------------------------------------------------------------
@@ -185,8 +233,14 @@ class LlavaTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)
+        counts = inputs.pop(faults.COUNTS_KEY, None)
+        if counts is not None and model.training:
+            self.bad_record_counts = counts
         try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                self.nonfinite.record_batch(out[0] if isinstance(out, tuple) else out, sample_ids)
+            return out
         except Exception as e:
             if sample_ids is not None:
                 e.add_note(f"batch sample ids: {list(sample_ids)}")
@@ -211,6 +265,8 @@ class LlavaTrainer(Trainer):
             self._staging_parent = None
         self.accelerator.wait_for_everyone()  # every rank's shards (DeepSpeed, rng states) are written
         if self.args.should_save:
+            staged = run_dir / ckpt.STAGING_DIR / name
+            faults.save_fault_state(staged, self.bad_record_counts, self.nonfinite)
             ckpt.finalize_checkpoint(
                 run_dir / ckpt.STAGING_DIR / name, run_dir / name, self.state.global_step
             )
