@@ -21,6 +21,8 @@ class DataConfig:
     model_max_length: longest sample in tokens, image feature tokens included.
     max_image_pixels: decompression-bomb limit for one image (w * h).
     group_by_modality_length / group_by_length: which sampler the trainer builds.
+    packing: pack samples into rows of model_max_length (data/packing.py); the per-device batch size
+        then counts packed rows.
     seed: seeds the mixture sampling (random:N) and the samplers.
     """
 
@@ -34,6 +36,7 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
     group_by_modality_length: bool = False
     group_by_length: bool = False
+    packing: bool = False
     num_workers: int = 2
     seed: int = 0
     streaming: bool = False

@@ -105,9 +105,14 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
     vision = VisionSpec.from_model_config(config)
     processor = build_image_processor(vision.crop_size)
     dataset = build_dataset(data_cfg, tokenizer, processor, vision)
-    collator = DataCollator(tokenizer, padding_side=config.tokenizer_padding_side or "right")
     logger.info("train data: %d records from %s", len(dataset), data_cfg.data_path)
-    return dataset, collator
+    if data_cfg.packing:
+        from llava_train.data.packing import PackingCollator, build_packed_dataset
+
+        by_modality = data_cfg.group_by_modality_length
+        dataset = build_packed_dataset(dataset, data_cfg.model_max_length, by_modality=by_modality)
+        return dataset, PackingCollator(tokenizer, max_length=data_cfg.model_max_length)
+    return dataset, DataCollator(tokenizer, padding_side=config.tokenizer_padding_side or "right")
 
 
 def build_trainer(cfg: Config, model: Any, tokenizer: Any, dataset: Any, collator: Any) -> LlavaTrainer:
