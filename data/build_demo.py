@@ -53,6 +53,10 @@ def compose(digits: list[np.ndarray], cols: int) -> Image.Image:
     return canvas
 
 
+# LLaVA's short-answer prompt: on every training question too, so held-out prompts are in distribution.
+SHORT_ANSWER = "\nAnswer with a single word or number."
+
+
 # ---- questions: (question, short answer, category) ----
 def single_questions(labels: list[int], rng: random.Random) -> list[tuple[str, str, str]]:
     label = labels[0]
@@ -145,7 +149,7 @@ def stage2_records(builder: Builder, n: int, rng: random.Random, text_share: flo
         rel, labels, make = builder.any_image()
         qas = make(labels, rng)
         rounds = rng.sample(qas, rng.randint(1, min(3, len(qas))))
-        pairs = [(q, a) for q, a, _ in rounds]
+        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in rounds]
         first = pairs[0][0]
         pairs[0] = (f"<image>\n{first}" if rng.random() < 0.5 else f"{first}\n<image>", pairs[0][1])
         records.append({"id": f"s2_{i:05d}", "image": rel, "conversations": _turns(pairs)})
@@ -158,7 +162,7 @@ def eval_records(builder: Builder, n: int, rng: random.Random) -> tuple[list[dic
     for qid in range(n):
         rel, labels, make = builder.any_image()
         question, answer, category = rng.choice(make(labels, rng))
-        text = f"{question}\nAnswer with a single word or number."
+        text = question + SHORT_ANSWER
         questions.append({"question_id": qid, "image": rel, "text": text, "category": category})
         answers.append({"question_id": qid, "answer": answer, "category": category})
     return questions, answers
