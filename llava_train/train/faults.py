@@ -166,6 +166,7 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self._bad_loss = False
         self._ids: list[str] = []
+        self.grad_norm: float | None = None  # the Trainer's norm of this step, when known before the update
 
     def record_batch(self, loss: torch.Tensor, sample_ids: Iterable[str] | None) -> None:
         """Called per micro-batch with its loss: remembers the ids and whether the loss was finite."""
@@ -182,15 +183,21 @@ class NonFiniteGuard:
 
         def guarded_step(opt: torch.optim.Optimizer, *args, **kwargs):
             try:
-                params = [p for g in opt.param_groups for p in g["params"]]
-                if self._bad_loss or not _grads_finite(params):
+                if self._bad_loss or not self._grad_norm_finite(opt):
                     return self._skip()
                 self.in_a_row = 0
                 return step(*args, **kwargs)
             finally:
-                self._bad_loss, self._ids = False, []
+                self._bad_loss, self._ids, self.grad_norm = False, [], None
 
         optimizer.step = types.MethodType(guarded_step, optimizer)
+
+    def _grad_norm_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        # Reuse the Trainer's norm (clipping computes it anyway); under DeepSpeed the engine steps before the
+        # Trainer computes it, so look at the gradients of the (ZeRO partition's) parameters instead.
+        if self.grad_norm is not None:
+            return math.isfinite(self.grad_norm)
+        return _grads_finite([p for g in optimizer.param_groups for p in g["params"]])
 
     def _skip(self) -> None:
         self.skipped += 1

@@ -203,6 +203,14 @@ class LlavaTrainer(Trainer):
         self.nonfinite.guard_optimizer(self.optimizer)
         return self.optimizer
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # Computed before the optimizer step, so the non-finite guard reuses it; under DeepSpeed the engine
+        # has already stepped inside backward, and a stale norm would judge the next step.
+        if norm is not None and not self.is_deepspeed_enabled:
+            self.nonfinite.grad_norm = float(norm)
+        return norm
+
     # ---- sampler ---------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         data = self.llava_cfg.data
