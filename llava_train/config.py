@@ -63,6 +63,9 @@ class LoraConfig:
     )
     layers_regex: str = r"model\.layers\.\d+\.(self_attn|mlp)"
     bias: str = "none"
+    # Also train the LLM's input embeddings and lm_head in full (saved with the non-LoRA trainables): for a
+    # randomly initialised LLM (the demo's tiny one) whose frozen random vocab rows LoRA cannot move.
+    train_embeddings: bool = False
     # QLoRA: 4-bit NF4 base weights through bitsandbytes; needs a CUDA GPU (refused on CPU).
     qlora: bool = False
 

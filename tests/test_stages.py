@@ -79,6 +79,25 @@ def test_lora_only_on_llm_decoder_linears(model):
     assert re.fullmatch(regex, "model.layers.0.self_attn.q_proj")
 
 
+def test_lora_train_embeddings_unfreezes_embed_tokens_and_lm_head_only(model, tmp_path):
+    from llava_train.train.checkpoint import save_stage_weights
+
+    model = apply_stage(model, _stage("finetune_lora", lora=LoraConfig(r=4, alpha=8, train_embeddings=True)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    outside_lora = {n for n in trainable if ".lora_" not in n and "mm_projector" not in n}
+    assert outside_lora == {
+        "base_model.model.model.embed_tokens.weight",
+        "base_model.model.lm_head.weight",
+        "base_model.model.model.image_newline",
+    }
+    assert _states(model)["lm_head"] == "trainable" and _states(model)["vision_tower"] == "frozen"
+    save_stage_weights(str(tmp_path), "finetune_lora", model.state_dict(), trainable)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "non_lora_trainables.safetensors"))
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(saved)
+
+
 def test_qlora_refuses_without_a_gpu(model):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -92,6 +92,9 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
     elif name == StageName.finetune_lora:
         model = _wrap_lora(model, stage.lora)
         inner = model.get_base_model().get_model()
+        if stage.lora.train_embeddings:
+            inner.embed_tokens.requires_grad_(True)
+            model.get_base_model().lm_head.requires_grad_(True)
 
     inner.mm_projector.requires_grad_(stage.tune_projector)
     if getattr(inner, "image_newline", None) is not None:
