@@ -5,12 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_demo_quick_runs_every_step(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     build = [sys.executable, "data/build_demo.py", "--out", str(data), "--stage1", "64", "--stage2", "64"]
