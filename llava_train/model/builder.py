@@ -145,7 +145,9 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     # Vision: a pretrained CLIP (local dir / hub name); None = random tower from the preset's config.
     vision_tower: str | None = None
-    vision_config: dict | None = None  # CLIPVisionConfig overrides for the random tower
+    # CLIPVisionConfig overrides for the random tower. A dict, not Optional: OmegaConf cannot merge a
+    # command-line dict (`model.vision_config={hidden_size:128}`) into a None node.
+    vision_config: dict = field(default_factory=dict)
     use_s2: bool = False
     s2_scales: str = "336,672,1008"
     mm_vision_select_layer: int | None = None
