@@ -6,7 +6,8 @@
 #   stage 1 (pretrain: projector only), stage 2 full (finetune), stage 2 LoRA (r 128)
 # each under DeepSpeed ZeRO-2 and ZeRO-3 on ONE GPU (torchrun --nproc_per_node 1), 10 optimizer steps of
 # 8 samples, the first 3 not timed. Prints per run: step time, samples/s, tokens/s, peak GPU memory and
-# MFU (model FLOPs / step time / the GPU's dense bf16 peak; override with PEAK_TFLOPS=...).
+# MFU (model FLOPs / step time / this GPU's bf16 matmul rate measured first; PEAK_TFLOPS=... overrides),
+# then the packed step (benchmarks/gpu_packed.py: packed == unpacked, packed vs unpacked speed).
 #
 #   bash benchmarks/gpu_check.sh [out_dir]          # results: <out_dir>/summary.json (+ one JSON per run)
 #   GPU_CHECK_ONLY="zero2:finetune" bash benchmarks/gpu_check.sh     # a subset
@@ -26,6 +27,15 @@ START=$(date +%s)
 if [ "$DRY" != 1 ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU: use GPU_CHECK_DRY_RUN=1 on CPU'"
+  # 0. The MFU denominator: this GPU's dense bf16 matmul rate, measured here (8192^3 GEMMs).
+  MEASURED_TFLOPS=$($PY -c "
+import time, torch
+a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+[a @ b for _ in range(3)]; torch.cuda.synchronize(); t = time.perf_counter()
+[a @ b for _ in range(20)]; torch.cuda.synchronize()
+print(round(20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12, 1))")
+  export MEASURED_TFLOPS
+  echo "measured bf16 matmul: $MEASURED_TFLOPS TFLOP/s (MFU denominator unless PEAK_TFLOPS is set)"
 fi
 
 # 1. Synthetic data: one 336x336 image (56x56 in the dry run) and a ~120-token answer per sample.
@@ -112,7 +122,8 @@ def main():
     step_s = sum(timer.times[WARMUP:]) / max(len(timer.times) - WARMUP, 1)
     samples = cfg.training.global_batch_size
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = float(os.environ["PEAK_TFLOPS"]) * 1e12 if "PEAK_TFLOPS" in os.environ else next((v for k, v in PEAKS.items() if k in name), None)
+    rate = os.environ.get("PEAK_TFLOPS") or os.environ.get("MEASURED_TFLOPS")
+    peak = float(rate) * 1e12 if rate else next((v for k, v in PEAKS.items() if k in name), None)
     achieved = flops_per_sample(trainer.model, stage, seq, n_img) * samples / step_s
     result = {
         "stage": stage, "deepspeed": cfg.deepspeed.name, "device": name,
@@ -156,7 +167,11 @@ for run in $ONLY; do
   grep '^RESULT' "$OUT/$zero-$stage.log" | sed 's/^RESULT //'
 done
 
-# 4. Summary table.
+# 4. Packing: packed == unpacked (loss, grad norm) and packed vs unpacked step speed, per attention impl.
+if [ "$DRY" = 1 ]; then PACK=(--device cpu --dtype float32); else PACK=(--device cuda --dtype bfloat16); fi
+timeout 150 $PY benchmarks/gpu_packed.py "${PACK[@]}" --out "$OUT/packed.json" || echo "PACKED CHECK FAILED"
+
+# 5. Summary table.
 $PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
