@@ -33,16 +33,7 @@ TEMPLATE = "vicuna_v1"
 SEED = 0
 # The tiny LLM is random: a wider init gives its frozen lm_head / norms logits that can separate the
 # answer tokens under LoRA (at 0.02 the best achievable logit margin is ~2, so the loss stalls near 8).
-# The demo tower is the tiny preset's CLIP made a little wider and deeper, all of its layers used: it learns
-# to read digits from scratch. Every train command repeats these keys (the run's config must match the base).
-VISION = {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 3}
-SELECT_LAYER = -1
-BASE_MODEL = {
-    "preset": "tiny",
-    "extra": {"initializer_range": 0.1},
-    "vision_config": VISION,
-    "mm_vision_select_layer": SELECT_LAYER,
-}
+BASE_MODEL = {"preset": "tiny", "extra": {"initializer_range": 0.1}}
 
 # Demo schedule (2 CPU cores): see README "Demo" for the figures this reaches.
 STAGE1 = [
@@ -68,8 +59,6 @@ STAGE2 = [
 ]
 COMMON = [
     "model=tiny",
-    "+model.vision_config={" + ",".join(f"{k}:{v}" for k, v in VISION.items()) + "}",
-    f"model.mm_vision_select_layer={SELECT_LAYER}",
     f"training.seed={SEED}",
     "training.gradient_checkpointing=false",
     "training.logging_steps=10",
