@@ -37,6 +37,7 @@ from llava_train.constants import DEFAULT_IMAGE_TOKEN
 from llava_train.data.image import CLIP_MEAN, CLIP_STD
 from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava_train.model.anyres import parse_grid_pinpoints
+from llava_train.model.llava_arch import state_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +158,7 @@ def from_native_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict`` that names every missing / unexpected key and shape mismatch."""
-    expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing, unexpected, wrong = state_mismatch(module.state_dict(), state)
     if missing or unexpected or wrong:
         raise ValueError(
             f"{what}: weights do not fit the target model: missing {missing[:5]}, unexpected "

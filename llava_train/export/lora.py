@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from llava_train.constants import NON_LORA_FILE, PROJECTOR_FILE, VISION_TOWER_FILE
 from llava_train.model import LlavaLlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-NON_LORA_FILE = "non_lora_trainables.safetensors"  # as llava_train.train.checkpoint.NON_LORA_FILE
 
 
 def load_base(base: str | os.PathLike | LlavaLlamaForCausalLM, dtype: torch.dtype) -> LlavaLlamaForCausalLM:
@@ -110,9 +110,6 @@ def merge_lora(
     return merged.eval()
 
 
-PRETRAIN_FILES = ("mm_projector.safetensors", "vision_tower.safetensors")  # as llava_train.train.checkpoint
-
-
 def merge_pretrain(
     base: str | os.PathLike | LlavaLlamaForCausalLM,
     pretrain_dir: str | os.PathLike,
@@ -125,10 +122,10 @@ def merge_pretrain(
     stage 2 starts from (``model.llm_path``) and that a later LoRA merge uses as its base.
     """
     pretrain_dir = Path(pretrain_dir)
-    projector, tower = (pretrain_dir / name for name in PRETRAIN_FILES)
+    projector, tower = pretrain_dir / PROJECTOR_FILE, pretrain_dir / VISION_TOWER_FILE
     if not projector.is_file():
         raise FileNotFoundError(
-            f"pretrain_dir {str(pretrain_dir)!r} has no {PRETRAIN_FILES[0]}: pass the run dir (or a "
+            f"pretrain_dir {str(pretrain_dir)!r} has no {PROJECTOR_FILE}: pass the run dir (or a "
             "checkpoint dir) of a `pretrain` stage"
         )
     model = load_base(base, dtype)

@@ -251,12 +251,19 @@ def load_projector_weights(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def state_mismatch(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> tuple[list, list, list]:
+    """(missing, unexpected, shape-mismatched) keys of ``state`` against the ``expected`` state dict."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    return missing, unexpected, wrong
+
+
 def projector_state_from(weights: dict[str, torch.Tensor], projector: nn.Module, path: str) -> dict:
     """Keys after ``mm_projector.`` (any prefix, e.g. ``model.mm_projector.``), checked against ``projector``."""
     state = {k.split("mm_projector.", 1)[1]: v for k, v in weights.items() if "mm_projector." in k}
-    expected = projector.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing, unexpected, wrong = state_mismatch(projector.state_dict(), state)
     if missing or unexpected or wrong:
         raise ValueError(
             f"projector weights in {path} do not fit this projector ({projector.__class__.__name__}): "

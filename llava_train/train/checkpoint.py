@@ -33,15 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llava_train.constants import NON_LORA_FILE, PROJECTOR_FILE, VISION_TOWER_FILE
 from llava_train.train.stages import component_of, original_name
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 STAGING_DIR = ".staging"
-PROJECTOR_FILE = "mm_projector.safetensors"
-VISION_TOWER_FILE = "vision_tower.safetensors"
-NON_LORA_FILE = "non_lora_trainables.safetensors"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)")
 
 
