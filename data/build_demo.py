@@ -106,8 +106,8 @@ class Builder:
         self.count += 1
         return rel
 
-    def single(self) -> tuple[str, list[int], Callable]:
-        pixels, label = self.rng.choice(self.pool)
+    def single(self, sample: Sample | None = None) -> tuple[str, list[int], Callable]:
+        pixels, label = sample if sample is not None else self.rng.choice(self.pool)
         return self._save(digit_image(pixels), "digit"), [label], single_questions
 
     def composite(self) -> tuple[str, list[int], Callable]:
@@ -126,6 +126,15 @@ class Builder:
         return self.composite() if self.rng.random() < composite_share else self.single()
 
 
+def tower_records(builder: Builder) -> list[dict]:
+    """Every training digit once, with its caption: the vision tower's pretraining pairs (CLIP's role)."""
+    records = []
+    for i, sample in enumerate(builder.pool):
+        rel, labels, _ = builder.single(sample)
+        records.append({"id": f"tw_{i:05d}", "image": rel, "caption": f"the digit {labels[0]}"})
+    return records
+
+
 def stage1_records(builder: Builder, n: int) -> list[dict]:
     """Caption pairs for projector pre-training (plain template: "<image>" -> caption)."""
     records = []
@@ -136,8 +145,14 @@ def stage1_records(builder: Builder, n: int) -> list[dict]:
     return records
 
 
-def stage2_records(builder: Builder, n: int, rng: random.Random, text_share: float = 0.05) -> list[dict]:
-    """Multi-turn instruction conversations (1-3 rounds, short answers); a few text-only ones."""
+def stage2_records(
+    builder: Builder, n: int, rng: random.Random, text_share: float = 0.05, composite_share: float = 0.6
+) -> list[dict]:
+    """Multi-turn instruction conversations with short answers; a few text-only ones.
+
+    A single digit gets 1-3 of its questions; a strip or grid gets all of its questions in a random
+    order (positions, counting and sums are the harder skills, so they get more of the examples).
+    """
     records = []
     for i in range(n):
         if rng.random() < text_share:
@@ -146,9 +161,9 @@ def stage2_records(builder: Builder, n: int, rng: random.Random, text_share: flo
                 {"id": f"s2_{i:05d}", "conversations": _turns([(f"What is {a} plus {b}?", str(a + b))])}
             )
             continue
-        rel, labels, make = builder.any_image()
+        rel, labels, make = builder.any_image(composite_share)
         qas = make(labels, rng)
-        rounds = rng.sample(qas, rng.randint(1, min(3, len(qas))))
+        rounds = rng.sample(qas, len(qas) if len(labels) > 1 else rng.randint(1, min(3, len(qas))))
         pairs = [(q + SHORT_ANSWER, a) for q, a, _ in rounds]
         first = pairs[0][0]
         pairs[0] = (f"<image>\n{first}" if rng.random() < 0.5 else f"{first}\n<image>", pairs[0][1])
@@ -194,16 +209,20 @@ def build(
     train = [(images[i], int(labels[i])) for i in order[n_heldout:]]
     rng = random.Random(seed)
     train_builder = Builder(out, train, "train", rng)
+    tower = tower_records(train_builder)
     stage1 = stage1_records(train_builder, n_stage1)
     stage2 = stage2_records(train_builder, n_stage2, rng)
-    questions, answers = eval_records(Builder(out, heldout, "eval", rng), n_eval, rng)
+    eval_rng = random.Random(seed + 1)  # its own stream: the held-out set does not move with the training mix
+    questions, answers = eval_records(Builder(out, heldout, "eval", eval_rng), n_eval, eval_rng)
     (out / "eval").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "tower_pairs.json", tower)
     _write_json(out / "stage1.json", stage1)
     _write_json(out / "stage2.json", stage2)
     _write_jsonl(out / "eval" / "questions.jsonl", questions)
     _write_jsonl(out / "eval" / "answers.jsonl", answers)
     meta = {
         "seed": seed,
+        "tower_pairs": len(tower),
         "stage1": len(stage1),
         "stage2": len(stage2),
         "stage2_text_only": sum("image" not in r for r in stage2),

@@ -3,9 +3,11 @@
     python launch/demo.py [--out runs/demo] [--data data/demo] [--quick]
 
 0. a random tiny base model (Llama decoder + CLIP tower + projector) stands in for vicuna + CLIP
-1. stage 1 (pretrain): projector + the random vision tower learn from caption pairs (LLM frozen)
-2. fold the stage-1 projector and tower into the base (the base of stage 2 and of the LoRA merge)
-3. stage 2 (finetune_lora): LoRA on the LLM, projector + tower at their own LRs, instruction data
+0b. the random tower is pretrained on the training digits' caption pairs (data/demo/tower_pairs.json),
+    standing in for CLIP's image-text pretraining (llava_train/train/tower_pretrain.py); then frozen
+1. stage 1 (pretrain): the projector learns from caption pairs (LLM and tower frozen)
+2. fold the stage-1 projector into the base (the base of stage 2 and of the LoRA merge)
+3. stage 2 (finetune_lora): LoRA on the LLM (+ its embeddings), the projector at its own LR
 4. merge the LoRA adapter into a full model
 5. export to the transformers-native LlavaNext format
 6. evaluate the exported model on the held-out questions (images never seen in training)
@@ -31,28 +33,39 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = "mistral"
 TEMPLATE = "vicuna_v1"
 SEED = 0
+# The demo model: the tiny preset reshaped for digits (README "The demo" gives the figures behind each
+# choice). Every train command repeats the shape on its command line (model_args).
+PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168], [224, 56], [56, 224]]
+DEMO_MODEL = {
+    "num_hidden_layers": 4,  # 2 layers barely learn where a digit sits in a strip or grid
+    "image_grid_pinpoints": PINPOINTS,  # + 4x1 / 1x4: every digit of a 4-digit strip is one whole crop
+    "mm_vision_select_layer": -1,  # both layers of the tiny tower (CLIP-L's -2 would leave one)
+    "vision_config": {"patch_size": 28},  # 2x2 tokens per 56-px crop; reads digits better than 4x4
+}
 # The tiny LLM is random: a wider init gives its frozen lm_head / norms logits that can separate the
 # answer tokens under LoRA (at 0.02 the best achievable logit margin is ~2, so the loss stalls near 8).
-BASE_MODEL = {"preset": "tiny", "extra": {"initializer_range": 0.1}}
+BASE_MODEL = {"preset": "tiny", **DEMO_MODEL, "extra": {"initializer_range": 0.1}}
+# Step 0b, the tower's stand-in for CLIP pretraining (llava_train/train/tower_pretrain.py).
+TOWER = {"epochs": 80, "lr": 3e-3, "batch_size": 128, "token_loss": 1.0}
 
 # Demo schedule (2 CPU cores): see README "Demo" for the figures this reaches.
 STAGE1 = [
     "training.global_batch_size=32",
     "training.per_device_batch_size=32",
-    "training.num_train_epochs=12",
+    "training.num_train_epochs=2",
     "training.learning_rate=2e-3",
-    "training.mm_vision_tower_lr=3e-3",
     "training.warmup_ratio=0.05",
 ]
 STAGE2 = [
     "training.global_batch_size=16",
     "training.per_device_batch_size=16",
-    "training.num_train_epochs=6",
+    "training.num_train_epochs=5",
     "training.learning_rate=1e-3",
     "training.mm_projector_lr=1e-3",
-    "training.mm_vision_tower_lr=3e-3",
     "training.warmup_ratio=0.03",
     "stage.lora.dropout=0.0",
+    "stage.lora.r=32",
+    "stage.lora.alpha=64",
     # The tiny LLM is random: its vocab rows must train too (LoRA alone stalls at loss ~2.2 here).
     "stage.lora.train_embeddings=true",
     "data.bad_record_policy=strict",
@@ -64,11 +77,22 @@ COMMON = [
     "training.logging_steps=10",
     "training.save_steps=100000",  # only the final weights: the demo does not resume
     "training.report_to_wandb=false",
-    "stage.tune_vision_tower=true",  # the tiny tower starts random: it must learn to see digits
+    "stage.tune_vision_tower=false",  # pretrained in step 0b, then frozen as LLaVA freezes CLIP
 ]
 QUICK = ["training.max_steps=3"]  # --quick: a smoke run of every step (tests/test_demo.py)
 
 log = logging.getLogger("demo")
+
+
+def model_args(model: dict = DEMO_MODEL) -> list[str]:
+    """Hydra overrides that give a train command the demo model's shape."""
+    args = []
+    for key, value in model.items():
+        if isinstance(value, dict):  # a new key in a dict node needs "+"
+            args += [f"+model.{key}.{k}={json.dumps(v)}" for k, v in value.items()]
+        else:
+            args.append(f"model.{key}={json.dumps(value).replace(' ', '')}")
+    return args
 
 
 def run(cmd: list[str]) -> None:
@@ -78,17 +102,38 @@ def run(cmd: list[str]) -> None:
     subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True)
 
 
-def build_base(out: Path) -> None:
-    """Step 0: the random tiny base model and its tokenizer, saved like a pretrained checkpoint."""
+def build_base(out: Path, data: Path, quick: bool) -> dict:
+    """Steps 0 and 0b: the random tiny base model, its tower pretrained on the training caption pairs.
+
+    Saved with its tokenizer like a pretrained checkpoint; returns the tower pretraining report.
+    """
     import torch
 
     from llava_train.data import load_tokenizer
+    from llava_train.data.image import build_image_processor
     from llava_train.model import ModelConfig, build_model
+    from llava_train.train.tower_pretrain import (
+        TowerPretrainConfig,
+        load_caption_pairs,
+        pretrain_vision_tower,
+    )
 
     torch.manual_seed(SEED)
     tokenizer = load_tokenizer(TOKENIZER)
-    build_model(ModelConfig(**BASE_MODEL), tokenizer).save_pretrained(out)
+    model = build_model(ModelConfig(**BASE_MODEL), tokenizer)
+    tower = model.get_vision_tower()
+    log.info(
+        "0b/6 vision tower pretraining on %s (stands in for CLIP's pretraining)", data / "tower_pairs.json"
+    )
+    pixels, captions = load_caption_pairs(
+        data / "tower_pairs.json", data / "images", build_image_processor(tower.image_size)
+    )
+    cfg = TowerPretrainConfig(**{**TOWER, "epochs": 1 if quick else TOWER["epochs"], "seed": SEED})
+    report = pretrain_vision_tower(tower, pixels, captions, cfg)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / "tower_pretrain.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def train(stage: str, data: str, run_dir: Path, model_dir: Path, extra: list[str]) -> None:
@@ -100,6 +145,7 @@ def train(stage: str, data: str, run_dir: Path, model_dir: Path, extra: list[str
             f"model.llm_path={model_dir}",
             f"training.run_dir={run_dir}",
             *COMMON,
+            *model_args(),
             *extra,
         ]
     )
@@ -139,7 +185,7 @@ def main() -> None:
     start = time.perf_counter()
 
     log.info("0/6 random tiny base model -> %s", out / "base")
-    build_base(out / "base")
+    tower_report = build_base(out / "base", data, args.quick)
 
     log.info("1/6 stage 1: projector + vision tower on caption pairs")
     data_args = [f"data.data_path={data / 'stage1.json'}", f"data.image_folder={data / 'images'}"]
@@ -187,7 +233,11 @@ def main() -> None:
         max_new_tokens=12,
         metrics_file=str(out / "metrics.json"),
     )
-    metrics.update(composite_split(metrics), wall_seconds=round(time.perf_counter() - start, 1))
+    metrics.update(
+        composite_split(metrics),
+        tower_pretrain={k: tower_report[k] for k in ("train_accuracy", "val_accuracy", "n_val", "seconds")},
+        wall_seconds=round(time.perf_counter() - start, 1),
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     summarise(metrics, out)
     print(f"demo wall time {metrics['wall_seconds']:.0f} s")

@@ -67,3 +67,25 @@ def test_every_record_loads(demo, name, template, aspect, pinpoints):
     assert ds.bad_record_stats() == {}
     batch = DataCollator(0)(samples[:8])
     assert batch["input_ids"].shape[0] == 8
+
+
+def test_tower_pairs_cover_every_training_digit_once(demo):
+    out, meta = demo
+    pairs = json.loads((out / "tower_pairs.json").read_text())
+    assert len(pairs) == meta["tower_pairs"] == meta["train_digits"]
+    assert all(p["image"].startswith("train/") and (out / "images" / p["image"]).is_file() for p in pairs)
+    assert {p["caption"] for p in pairs} == {f"the digit {d}" for d in range(10)}
+    assert len({p["image"] for p in pairs}) == len(pairs)
+
+
+def test_composite_conversations_ask_every_question(demo):
+    out, _ = demo
+    records = [r for r in json.loads((out / "stage2.json").read_text()) if "image" in r]
+    for r in records:
+        rounds = len(r["conversations"]) // 2
+        if "/strip" in r["image"]:
+            assert rounds == 5, r
+        elif "/grid" in r["image"]:
+            assert rounds == 3, r
+        else:
+            assert 1 <= rounds <= 3, r
