@@ -187,7 +187,7 @@ def main() -> None:
     log.info("0/6 random tiny base model -> %s", out / "base")
     tower_report = build_base(out / "base", data, args.quick)
 
-    log.info("1/6 stage 1: projector + vision tower on caption pairs")
+    log.info("1/6 stage 1: the projector on caption pairs (LLM and tower frozen)")
     data_args = [f"data.data_path={data / 'stage1.json'}", f"data.image_folder={data / 'images'}"]
     train("pretrain", "demo_pretrain", out / "stage1", out / "base", [*STAGE1, *data_args, *quick])
 

@@ -11,6 +11,7 @@ from llava_train.data.image import build_image_processor
 from llava_train.model.vision_tower import CLIPVisionTower
 from llava_train.train.tower_pretrain import (
     TowerPretrainConfig,
+    _loss,
     augment,
     load_caption_pairs,
     pretrain_vision_tower,
@@ -121,3 +122,18 @@ def test_load_caption_pairs_processes_images_and_rejects_escapes(tmp_path):
     pairs.write_text(json.dumps([{"image": "a.png"}]))
     with pytest.raises(ValueError, match="record 0 needs non-empty 'image' and 'caption'"):
         load_caption_pairs(pairs, folder, build_image_processor(SIDE))
+
+
+def test_token_loss_adds_the_classification_of_every_token_alone():
+    tower = tiny_tower()
+    head = torch.nn.Linear(32, 2)
+    pixels, captions = bars(6)
+    labels = torch.tensor([0, 1] * 3)
+    tokens = tower(pixels)  # [6, 4, 32]
+    mean_ce = torch.nn.functional.cross_entropy(head(tokens.mean(1)), labels)
+    per_token = [
+        torch.nn.functional.cross_entropy(head(tokens[:, t]), labels) for t in range(tokens.shape[1])
+    ]
+    expected = mean_ce + 0.5 * torch.stack(per_token).mean()
+    torch.testing.assert_close(_loss(tower, head, pixels, labels, 0.0), mean_ce)
+    torch.testing.assert_close(_loss(tower, head, pixels, labels, 0.5), expected)

@@ -6,7 +6,9 @@ only: the distinct captions are the classes (CLIP's zero-shot classifier with a 
 and a linear classifier reads the tower's *selected* features (the layer and patches LLaVA's
 projector will see), averaged over patches. The classifier is thrown away afterwards; only the tower
 keeps its weights. A ViT has no translation prior and small data sets overfit it quickly, so every
-image gets a random rotation, scale and shift at every step.
+image gets a random rotation, scale and shift at every step. ``token_loss`` adds the same
+classification from every token alone, so that each token an LLM attends to carries the class (a
+digit read from any of its crop's tokens).
 
     pixels, captions = load_caption_pairs("data/demo/tower_pairs.json", "data/demo/images", processor)
     report = pretrain_vision_tower(model.get_vision_tower(), pixels, captions, TowerPretrainConfig())
@@ -122,9 +124,11 @@ def _accuracy(tower: nn.Module, head: nn.Linear, pixels: torch.Tensor, labels: t
 
 @torch.no_grad()
 def _token_accuracy(tower: nn.Module, head: nn.Linear, pixels: torch.Tensor, labels: torch.Tensor) -> float:
+    """The same classification from each token alone, averaged over tokens and images."""
+    was_training = tower.training
     tower.eval()
     pred = head(tower(pixels)).argmax(-1)  # [n, t]
-    tower.train()
+    tower.train(was_training)
     return (pred == labels[:, None]).float().mean().item()
 
 
