@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_train_utils import make_colour_dataset, tiny_overrides
+from test_train_utils import make_colour_dataset, tiny_overrides, torchrun
 
 from llava_train.train import checkpoint as ckpt
 
@@ -26,24 +24,8 @@ pytestmark = pytest.mark.distributed
 DRIVER = Path(__file__).resolve().parent / "test_distributed_driver.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(overrides: list[str], cwd: Path) -> list[dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(DRIVER),
-        *overrides,
-    ]
+    cmd = [*torchrun(2), str(DRIVER), *overrides]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train_utils import torchrun
 
 from llava_train.data import load_tokenizer
 from llava_train.eval.metrics import score
@@ -82,12 +82,6 @@ def test_missing_template_and_tokenizer_fail_with_the_fix(workdir, tmp_path):
         load_eval_model(tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(cmd: list[str], root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -124,17 +118,8 @@ def test_torchrun_two_ranks_match_one_process(workdir):
     finally:
         torch.set_num_threads(threads)
     p = _paths(workdir, "two")
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
     args = [*(f"{k}={v}" for k, v in p.items()), "batch_size=1", "max_new_tokens=4", "device=cpu"]
-    _run([*torchrun, str(REPO / "launch" / "eval.py"), *args], workdir)
+    _run([*torchrun(2), str(REPO / "launch" / "eval.py"), *args], workdir)
     two = read_jsonl(p["answers_file"])
     one = read_jsonl(single["answers_file"])
     assert [a["question_id"] for a in two] == list(range(N_QUESTIONS))

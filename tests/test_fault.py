@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
+from test_train_utils import (
+    CrashAt,
+    compose_config,
+    logged_losses,
+    make_colour_dataset,
+    run_steps,
+    tiny_overrides,
+)
 from transformers import TrainerCallback
 
 from llava_train.train import checkpoint as ckpt
@@ -48,15 +55,6 @@ def overrides(data_json: Path, run_dir: Path, stage: str = "pretrain", **trainin
         "data.group_by_modality_length=true",
         *tiny_overrides(data_json, run_dir, learning_rate=1e-3, **training),
     ]
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
 
 
 def _fault_state(ckpt_dir: Path) -> dict:

@@ -12,13 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_distributed import DRIVER, _free_port
-from test_train_utils import make_colour_dataset, tiny_overrides
+from test_distributed import DRIVER
+from test_train_utils import make_colour_dataset, tiny_overrides, torchrun
 
 from llava_train.train import checkpoint as ckpt
 
@@ -26,8 +25,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _torchrun(overrides: list[str], cwd: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(_free_port()), str(DRIVER), *overrides]
+    cmd = [*torchrun(2), str(DRIVER), *overrides]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         cmd,

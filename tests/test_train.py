@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
+from test_train_utils import (
+    CrashAt,
+    compose_config,
+    logged_losses,
+    make_colour_dataset,
+    run_steps,
+    tiny_overrides,
+)
 from transformers import TrainerCallback
 
 from llava_train.train import checkpoint as ckpt
@@ -110,15 +117,6 @@ def test_stage2_after_pretrain_lowers_loss(pretrained, data_json, tmp_path, stag
     else:
         full = load_file(str(tmp_path / "model.safetensors"))
         assert "model.mm_projector.0.weight" in full and "lm_head.weight" in full
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune_lora", "finetune"])

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
+from transformers import TrainerCallback
 
 from llava_train.config import CONF_DIR, normalize_argv, register_configs, to_typed
 
@@ -92,3 +95,28 @@ def run_steps(raw: DictConfig, callbacks=(), before_train=None):
 
 def logged_losses(trainer) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+class CrashAt(TrainerCallback):
+    """Raises at the end of training step ``step``: a crash mid-run, after any checkpoint of that step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The command prefix of a local ``torchrun`` with ``nproc`` processes on a free port."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+    ]  # fmt: skip
