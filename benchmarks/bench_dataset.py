@@ -4,7 +4,8 @@
 
 Each format is measured in a fresh process: peak RSS is the process high-water mark minus the RSS after
 imports (torch, transformers tokenizer). Reported: open time (build_dataset), time to compute the
-sampler length estimates over all records, and __getitem__ throughput (tokenise + image load + pad).
+sampler length estimates over all records, __getitem__ throughput (tokenise + image load + pad), and
+the per-record cost of ``exact_lengths()`` (tokens + image header, what packing needs) against it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def child(path: str) -> None:
     for i in range(200):
         ds[i * 997 % len(ds)]
     per_item_ms = (time.perf_counter() - start) / 200 * 1e3
+    start = time.perf_counter()  # what exact_lengths() (packing) pays per record: tokens + image header
+    for i in range(2000):
+        ds._exact_length_of(i * 997 % len(ds))
+    exact_ms = (time.perf_counter() - start) / 2000 * 1e3
     peak = _status_mb("VmHWM") - base  # ru_maxrss would include the parent's high-water mark
     print(
         json.dumps(
@@ -101,6 +106,9 @@ def child(path: str) -> None:
                 "lengths_s": round(lengths_s, 2),
                 "peak_rss_over_baseline_mb": round(peak, 1),
                 "getitem_ms": round(per_item_ms, 2),
+                "exact_length_ms": round(exact_ms, 3),
+                "exact_lengths_all_s": round(exact_ms * len(ds) / 1e3, 1),
+                "getitem_all_s": round(per_item_ms * len(ds) / 1e3, 1),
                 "multimodal_records": sum(1 for x in lengths if x > 0),
             }
         )

@@ -171,6 +171,39 @@ def stage2_records(
     return records
 
 
+def digits_text(labels: list[int], cols: int) -> str:
+    """Digits written as the image lays them out: rows of ``cols`` digits, one line per row ("93\n51")."""
+    rows = ["".join(map(str, labels[r : r + cols])) for r in range(0, len(labels), cols)]
+    return "\n".join(rows)
+
+
+def llm_text_records(n: int, rng: random.Random) -> list[dict]:
+    """Text-only conversations about random digit strings, with the questions of stage 2.
+
+    The digits are written the way the image shows them (a strip is one row, a 2x2 grid two). Not part
+    of the demo data: benchmarks/demo_text_probe.py trains the demo's random LLM on these to measure
+    how fast it learns the composite skills from text alone (README "The demo").
+    """
+    records = []
+    for i in range(n):
+        kind = rng.random()
+        if kind < 0.25:
+            labels, cols, make = [rng.randint(0, 9)], 1, single_questions
+        elif kind < 0.45:
+            labels, cols, make = [rng.randint(0, 9) for _ in range(4)], 2, grid_questions
+        else:
+            count = rng.randint(2, 4)
+            labels, cols, make = [rng.randint(0, 9) for _ in range(count)], count, strip_questions
+        qas = make(labels, rng)
+        rounds = rng.sample(qas, rng.randint(1, len(qas)))
+        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in rounds]
+        text = digits_text(labels, cols)
+        first = pairs[0][0]
+        pairs[0] = (f"{text}\n{first}" if rng.random() < 0.5 else f"{first}\n{text}", pairs[0][1])
+        records.append({"id": f"lm_{i:05d}", "conversations": _turns(pairs)})
+    return records
+
+
 def eval_records(builder: Builder, n: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Held-out questions (LLaVA question format) and ground-truth answers."""
     questions, answers = [], []
@@ -199,7 +232,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build(
-    out: Path, n_stage1: int, n_stage2: int, n_eval: int, seed: int, heldout_share: float = 0.1
+    out: Path,
+    n_stage1: int,
+    n_stage2: int,
+    n_eval: int,
+    seed: int,
+    heldout_share: float = 0.1,
 ) -> dict:
     """Build everything under ``out``; returns the summary written to ``out/meta.json``."""
     images, labels = load_mnist_5k()

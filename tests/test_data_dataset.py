@@ -1,4 +1,5 @@
-"""Datasets: JSON / JSONL / YAML mixtures / HF backends, bad-record policies (one test per kind), lengths."""
+"""Datasets: JSON / JSONL / YAML mixtures / HF backends, bad-record policies (one test per kind), lengths
+(estimates, and exact_lengths for packing)."""
 
 import json
 import os
@@ -7,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+import llava_train.data.dataset as dataset_module
 from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_train.data import BadRecordError, DataCollator, DataConfig, VisionSpec, build_dataset
 from llava_train.data.image import build_image_processor
 from llava_train.data.mixture import sample_indices
+from llava_train.data.packing import build_packed_dataset
 from llava_train.data.tokenizers import load_tokenizer
 
 PINPOINTS = "[[56, 56], [112, 56], [56, 112], [112, 112]]"
@@ -247,3 +250,75 @@ def test_vision_spec_from_model_config():
     assert VisionSpec.from_model_config(tiny) == VisionSpec(56, 4, "spatial_unpad", False)
     big = SimpleNamespace(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_use_im_start_end=True)
     assert VisionSpec.from_model_config(big) == VisionSpec(336, 24, "flat", True)
+
+
+# ---- exact_lengths: sample["length"] of every sample from tokens and image headers (packing) ----
+LONG = {
+    "id": "long",
+    "image": "a.png",
+    "conversations": _turns(("<image>\nDigit?", "7"), ("more " * 40, "ok"), ("again " * 40, "ok")),
+}
+
+
+def _no_image_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("exact_lengths must not load images")
+
+    monkeypatch.setattr(dataset_module, "load_image", refuse)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model_max_length": 110},
+        {"model_max_length": 170, "image_aspect_ratio": "anyres", "image_grid_pinpoints": PINPOINTS},
+    ],
+    ids=["pad", "anyres"],
+)
+def test_exact_lengths_equal_built_samples_without_loading_images(
+    root, tokenizer, processor, overrides, monkeypatch
+):
+    ds = _dataset(root, tokenizer, processor, [*GOOD, LONG], **overrides)
+    expected = [ds[i]["length"] for i in range(len(ds))]
+    assert ds.bad_record_stats()["truncated_samples"] == 1  # LONG lost rounds: the truncated length counts
+    stats = ds.bad_record_stats()
+    _no_image_loading(monkeypatch)
+    assert ds.exact_lengths() == expected
+    assert ds.bad_record_stats() == stats  # nothing counted twice
+
+
+def test_exact_lengths_are_cached(root, tokenizer, processor, monkeypatch):
+    ds = _dataset(root, tokenizer, processor, GOOD)
+    first = ds.exact_lengths()
+    calls = []
+    monkeypatch.setattr(dataset_module, "tokenize_conversation", lambda *a, **k: calls.append(a))
+    assert ds.exact_lengths() == first and calls == []
+
+
+def test_exact_lengths_in_workers(root, tokenizer, processor):
+    ds = _dataset(root, tokenizer, processor, GOOD)
+    again = _dataset(root, tokenizer, processor, GOOD, name="e.json")
+    assert ds.exact_lengths(num_workers=1) == again.exact_lengths()
+
+
+def test_exact_lengths_skip_gives_the_replacement_length_strict_names_the_record(root, tokenizer, processor):
+    cases = _bad_cases(root)
+    records = [dict(r, id=f"bad{i}") for i, (_, r) in enumerate(cases)] + [dict(GOOD[0])]
+    limits = {"model_max_length": 128, "max_image_pixels": 100_000}
+    skip = _dataset(root, tokenizer, processor, records, bad_record_policy="skip", **limits)
+    good_length = skip[len(cases)]["length"]
+    assert skip.exact_lengths() == [good_length] * len(records)  # every bad record is replaced by img1
+    assert skip.bad_record_stats() == {}  # counted by __getitem__ only
+    strict = _dataset(root, tokenizer, processor, records, name="s.json", **limits)
+    with pytest.raises(BadRecordError) as info:
+        strict.exact_lengths()
+    assert info.value.kind == cases[0][0] and "bad0" in str(info.value)
+
+
+def test_packing_bins_on_exact_lengths_without_loading_images(root, tokenizer, processor, monkeypatch):
+    ds = _dataset(root, tokenizer, processor, GOOD, model_max_length=256)
+    lengths = [ds[i]["length"] for i in range(len(ds))]
+    _no_image_loading(monkeypatch)
+    packed = build_packed_dataset(ds, max_length=256, by_modality=False)
+    assert packed.lengths == [sum(lengths[i] for i in pack) for pack in packed.packs]
+    assert sorted(i for pack in packed.packs for i in pack) == list(range(len(ds)))

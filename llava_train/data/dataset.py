@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from llava_train.constants import DEFAULT_IMAGE_TOKEN
 from llava_train.data.config import DataConfig, VisionSpec
 from llava_train.data.conversation import Template, get_template, normalize_conversation
 from llava_train.data.errors import BAD_RECORD_KINDS, BadRecordError
-from llava_train.data.image import load_image, mean_colour, process_images
+from llava_train.data.image import load_image, mean_colour, process_images, read_image_size
 from llava_train.data.preprocess import TokenizedConversation, check_template_tokens, tokenize_conversation
 from llava_train.data.sources import RecordSource
 from llava_train.model.anyres import is_anyres, num_image_tokens
@@ -61,6 +61,7 @@ class LazySupervisedDataset(Dataset):
         check_template_tokens(self.template, tokenizer, self.vision.mm_use_im_start_end)
         self._counts = torch.zeros(len(_COUNTERS), dtype=torch.long).share_memory_()
         self._estimates: tuple[list[int], list[int]] | None = None
+        self._exact_lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -104,27 +105,36 @@ class LazySupervisedDataset(Dataset):
 
     # ---- samples ----
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._first_good(index, self.build_sample, count=True)
+
+    def _first_good(self, index: int, build: Any, count: bool) -> Any:
+        """``build(index)``, or under the 'skip' policy that of the next good record (deterministic)."""
         if self.cfg.bad_record_policy == "strict":
-            return self.build_sample(index)
+            return build(index)
         for offset in range(len(self)):
-            candidate = (index + offset) % len(self)  # deterministic replacement: the next good record
+            candidate = (index + offset) % len(self)
             try:
-                return self.build_sample(candidate)
+                return build(candidate)
             except BadRecordError as err:
-                self._count(err.kind)
-                logger.warning("skipping bad record (%s): %s", err.kind, err)
+                if count:
+                    self._count(err.kind)
+                    logger.warning("skipping bad record (%s): %s", err.kind, err)
         raise RuntimeError(f"every one of the {len(self)} records is bad; see bad_record_stats()")
 
     def build_sample(self, index: int) -> dict[str, Any]:
         """The sample of record ``index``; BadRecordError (naming the record) if it is bad."""
+        return self._with_record_id(index, self._build)
+
+    def _with_record_id(self, index: int, build: Any) -> Any:
         record = self.source.record(index)
         record_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
         try:
-            return self._build(record, index, record_id)
+            return build(record, index, record_id)
         except BadRecordError as err:
             raise err.with_record(record_id) from None
 
-    def _build(self, record: Any, index: int, record_id: str) -> dict[str, Any]:
+    def _parse(self, record: Any) -> tuple[str | None, list, list[str]]:
+        """(system, turns, image paths) of a record, checked: BadRecordError if it is malformed."""
         if not isinstance(record, dict):
             raise BadRecordError("bad_conversation", f"record is a {type(record).__name__}, not a dict")
         system, turns = normalize_conversation(record.get("conversations"), record.get("system"))
@@ -138,11 +148,18 @@ class LazySupervisedDataset(Dataset):
                 "image_count_mismatch",
                 f"{n_tags} <image> tags in user turns, {n_reply_tags} in replies, {len(paths)} images",
             )
-        images = [self._load(p, self.source.folder(index)) for p in paths]
-        tokens = tokenize_conversation(
+        return system, turns, paths
+
+    def _tokenize(self, system: str | None, turns: list) -> TokenizedConversation:
+        return tokenize_conversation(
             turns, self.template, self.tokenizer, system, mm_use_im_start_end=self.vision.mm_use_im_start_end
         )
-        tokens, images = self._fit_length(tokens, images)
+
+    def _build(self, record: Any, index: int, record_id: str) -> dict[str, Any]:
+        system, turns, paths = self._parse(record)
+        images = [self._load(p, self.source.folder(index)) for p in paths]
+        tokens, kept = self._fit_length(self._tokenize(system, turns), [im.size for im in images])
+        images = images[:kept]
         pixels, sizes = process_images(
             images, self.image_processor, self.cfg.image_aspect_ratio, self.cfg.image_grid_pinpoints
         )
@@ -165,24 +182,57 @@ class LazySupervisedDataset(Dataset):
         return len(tokens.input_ids) - tokens.num_images + sum(self._image_tokens(s) for s in sizes)
 
     def _fit_length(
-        self, tokens: TokenizedConversation, images: list[Any]
-    ) -> tuple[TokenizedConversation, list[Any]]:
-        """Drop trailing whole rounds (and their images) to fit; too_long if even one round does not fit."""
-        sizes = [im.size for im in images]
+        self, tokens: TokenizedConversation, sizes: list[tuple[int, int]], count: bool = True
+    ) -> tuple[TokenizedConversation, int]:
+        """(tokens, images kept): trailing whole rounds (and their images) dropped to fit; too_long if
+        even one round does not fit. Truncations are counted when ``count``."""
         limit = self.cfg.model_max_length
         if self.exact_length(tokens, sizes) <= limit:
-            return tokens, images
+            return tokens, len(sizes)
         for keep in range(len(tokens.round_ends) - 1, 0, -1):
             cut = tokens.truncated(keep)
             if self.exact_length(cut, sizes[: cut.num_images]) <= limit:
-                self._count("truncated_samples")
-                self._count("truncated_turns", len(tokens.round_ends) - keep)
-                return cut, images[: cut.num_images]
+                if count:
+                    self._count("truncated_samples")
+                    self._count("truncated_turns", len(tokens.round_ends) - keep)
+                return cut, cut.num_images
         one_round = tokens.truncated(1)
         first = self.exact_length(one_round, sizes[: one_round.num_images])
         raise BadRecordError(
             "too_long", f"its first round alone is {first} tokens > model_max_length={limit}"
         )
+
+    # ---- exact lengths from tokens and image headers (packing) ----
+    def exact_lengths(self, num_workers: int = 0) -> list[int]:
+        """``sample["length"]`` of every sample, without decoding or processing a single image.
+
+        Packing bins samples on these. Each record is tokenised and its images' sizes are read from
+        their headers; under the 'skip' policy a bad record gets the length of the record that replaces
+        it (as in ``__getitem__``), under 'strict' the first bad record raises. Computed once, then
+        cached on the dataset; ``num_workers`` > 0 spreads the work over DataLoader workers. Counters
+        (bad records, truncations) are left to ``__getitem__``, so nothing is counted twice.
+        """
+        if self._exact_lengths is None:
+            view = _ExactLengthView(self)
+            if num_workers:
+                loader = DataLoader(view, batch_size=None, num_workers=num_workers)
+                self._exact_lengths = [int(n) for n in loader]
+            else:
+                self._exact_lengths = [view[i] for i in range(len(view))]
+        return list(self._exact_lengths)
+
+    def _exact_length_of(self, index: int) -> int:
+        return self._first_good(index, lambda i: self._with_record_id(i, self._measure), count=False)
+
+    def _measure(self, record: Any, index: int, record_id: str) -> int:
+        system, turns, paths = self._parse(record)
+        folder = self.source.folder(index)
+        sizes = [
+            read_image_size(resolve_image_path(p, folder), max_pixels=self.cfg.max_image_pixels)
+            for p in paths
+        ]
+        tokens, kept = self._fit_length(self._tokenize(system, turns), sizes, count=False)
+        return self.exact_length(tokens, sizes[:kept])
 
     # ---- statistics ----
     def _count(self, kind: str, n: int = 1) -> None:
@@ -197,6 +247,19 @@ class LazySupervisedDataset(Dataset):
         stats = self.bad_record_stats()
         logger.info("data: bad / truncated records so far: %s", stats or "none")
         return stats
+
+
+class _ExactLengthView(Dataset):
+    """Index -> exact length of a dataset's sample (what DataLoader workers compute for exact_lengths)."""
+
+    def __init__(self, dataset: LazySupervisedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> int:
+        return self.dataset._exact_length_of(index)
 
 
 def _vision_from_processor(image_processor: Any) -> VisionSpec:

@@ -63,21 +63,38 @@ def load_image(
     Transparent images (RGBA, LA, palette with transparency) are composited on ``background``;
     CMYK, grayscale and palette images are converted to RGB.
     """
+    return to_rgb(_open_checked(*_image_source(path), max_pixels), background)
+
+
+def read_image_size(path: str | os.PathLike | bytes | dict, max_pixels: int = 64_000_000) -> tuple[int, int]:
+    """(width, height) from the image header, with :func:`load_image`'s checks but no decoding.
+
+    PIL's ``verify`` catches truncated or corrupt PNG data; a JPEG whose data is corrupt past a valid
+    header is found only when it is loaded.
+    """
+    image = _open_checked(*_image_source(path), max_pixels, decode=False)
+    size = image.size
+    image.close()
+    return size
+
+
+def _image_source(path: str | os.PathLike | bytes | dict) -> tuple[Path | io.BytesIO, str]:
+    """(what PIL opens, the name errors give) of a path, raw bytes or an undecoded HF Image feature."""
     if isinstance(path, dict):  # an undecoded HF Image feature: {"bytes": ..., "path": ...}
         path = path.get("bytes") or path.get("path") or b""
     if isinstance(path, (bytes, bytearray)):
         if not path:
             raise BadRecordError("unreadable_image", "empty image bytes")
-        return to_rgb(_open_checked(io.BytesIO(path), "<bytes>", max_pixels), background)
+        return io.BytesIO(path), "<bytes>"
     path = Path(path)
     if not path.is_file():
         raise BadRecordError("missing_image", f"no file at {str(path)!r}")
     if path.stat().st_size == 0:
         raise BadRecordError("unreadable_image", f"{str(path)!r} is an empty file")
-    return to_rgb(_open_checked(path, str(path), max_pixels), background)
+    return path, str(path)
 
 
-def _open_checked(path: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+def _open_checked(path: Path | io.BytesIO, name: str, max_pixels: int, decode: bool = True) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -87,7 +104,10 @@ def _open_checked(path: Path | io.BytesIO, name: str, max_pixels: int) -> Image.
                 raise BadRecordError("image_too_large", f"{name!r} is {width}x{height} > {max_pixels} pixels")
             if width == 0 or height == 0:
                 raise BadRecordError("unreadable_image", f"{name!r} has zero size {width}x{height}")
-            image.load()  # decodes: truncated / corrupt data fails here
+            if decode:
+                image.load()  # decodes: truncated / corrupt data fails here
+            else:
+                image.verify()  # integrity without decoding (PNG chunk CRCs; a no-op for JPEG)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadRecordError("image_too_large", f"{name!r}: {err}") from err
     except BadRecordError:

@@ -107,12 +107,13 @@ def _first_fit_decreasing(indices: list[int], lengths: Sequence[int], capacity: 
 def exact_lengths(dataset: Dataset, num_workers: int = 0) -> list[int]:
     """Exact per-sample lengths: ``dataset.exact_lengths`` if the dataset provides it, else ``sample["length"]``.
 
-    The fallback builds every sample (tokenise + load and process images) once, through a DataLoader
-    with ``num_workers`` workers; cache the result for large datasets.
+    ``LazySupervisedDataset.exact_lengths`` reads tokens and image headers only, and caches the result.
+    The fallback, for other datasets, builds every sample (tokenise + load and process images) once,
+    through a DataLoader with ``num_workers`` workers.
     """
     precomputed = getattr(dataset, "exact_lengths", None)
     if precomputed is not None:
-        return list(precomputed() if callable(precomputed) else precomputed)
+        return list(precomputed(num_workers=num_workers) if callable(precomputed) else precomputed)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_length_of)
     lengths = list(loader)
     if any(n is None for n in lengths):
