@@ -133,6 +133,7 @@ def test_hf_backend_paths_and_bytes(root, tokenizer, processor):
         ds = build_dataset(cfg, tokenizer, processor, VISION)
         samples.append(ds[0])
         assert ds[1]["images"] is None and ds.modality_lengths[1] < 0
+        assert ds.exact_lengths() == [ds[0]["length"], ds[1]["length"]]  # image by path and by bytes
     assert [s["sample_id"] for s in samples] == ["p", "b"]
     assert torch.equal(samples[0]["images"], samples[1]["images"])
     assert torch.equal(samples[0]["input_ids"], samples[1]["input_ids"])
