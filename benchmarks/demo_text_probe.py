@@ -4,8 +4,9 @@
         [--batch 16 --lr 1e-3] [--format chat|short]        # -> benchmarks/out/demo_text_probe.json
 
 No image is involved: the demo's stage-2 questions are asked about random digits written as text
-(``llm_text_records`` in data/build_demo.py; a strip is one row, a 2x2 grid two), to a random Llama of the
-demo's shape with the Mistral tokenizer. It trains for a fixed wall time (answer tokens only, AdamW,
+(``llm_text_records`` in data/build_demo.py; a strip is one row, a 2x2 grid two), to a random Llama with
+the Mistral tokenizer (by default width 128 and 4 layers, the demo LLM of README runs F-J; the demo now
+uses ``--hidden 64 --layers 6``). It trains for a fixed wall time (answer tokens only, AdamW,
 warm-up then cosine), then scores 300 held-out conversations: a conversation counts as right when every
 answer token of its first turn is the argmax (what greedy decoding returns). If the LLM cannot learn to
 read, locate and add digits from exact text in the demo's time budget, it cannot learn it from images.
@@ -112,7 +113,7 @@ def main() -> None:
     demo = _build_demo()
     tokenizer = load_tokenizer("mistral")
     torch.manual_seed(0)
-    config = LlamaConfig(  # the demo LLM's shape (launch/demo.py: tiny preset, 4 layers, init 0.1)
+    config = LlamaConfig(  # the tiny preset's LLM, init 0.1 as launch/demo.py
         hidden_size=args.hidden,
         intermediate_size=int(args.hidden * 2.6875),
         num_hidden_layers=args.layers,
