@@ -232,12 +232,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build(
-    out: Path,
-    n_stage1: int,
-    n_stage2: int,
-    n_eval: int,
-    seed: int,
-    heldout_share: float = 0.1,
+    out: Path, n_stage1: int, n_stage2: int, n_eval: int, seed: int, heldout_share: float = 0.1
 ) -> dict:
     """Build everything under ``out``; returns the summary written to ``out/meta.json``."""
     images, labels = load_mnist_5k()
