@@ -11,6 +11,7 @@ from llava_train.data.image import build_image_processor
 from llava_train.model.vision_tower import CLIPVisionTower
 from llava_train.train.tower_pretrain import (
     TowerPretrainConfig,
+    _accuracy,
     _loss,
     augment,
     load_caption_pairs,
@@ -137,3 +138,21 @@ def test_token_loss_adds_the_classification_of_every_token_alone():
     expected = mean_ce + 0.5 * torch.stack(per_token).mean()
     torch.testing.assert_close(_loss(tower, head, pixels, labels, 0.0), mean_ce)
     torch.testing.assert_close(_loss(tower, head, pixels, labels, 0.5), expected)
+
+
+def test_accuracy_pooled_and_per_token_by_hand():
+    # 2 images x 3 tokens, 2 classes; an identity head reads class scores straight from the features
+    tokens = torch.tensor(
+        [[[1.0, 0.0], [1.0, 0.0], [0.0, 3.0]],  # mean (0.67, 1.0) -> class 1; tokens 0, 0, 1
+         [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]]  # mean -> class 1; tokens 1, 1, 1
+    )  # fmt: skip
+    tower = torch.nn.Module()
+    tower.forward = lambda pixels: tokens[: len(pixels)]
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    pooled, token = _accuracy(tower, head, torch.zeros(2, 3, SIDE, SIDE), torch.tensor([0, 1]))
+    assert pooled == 0.5  # image 0 pools to class 1 (wrong), image 1 to class 1 (right)
+    assert token == pytest.approx((2 / 3 + 1.0) / 2)  # image 0: 2 of 3 tokens say 0; image 1: all say 1
+    assert tower.training  # the train / eval mode is restored

@@ -105,31 +105,25 @@ def _loss(
     return loss
 
 
-def _features(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Selected tower features averaged over tokens: [n, d]."""
-    return tower(pixels).mean(1)
-
-
 @torch.no_grad()
-def _accuracy(tower: nn.Module, head: nn.Linear, pixels: torch.Tensor, labels: torch.Tensor) -> float:
+def _accuracy(
+    tower: nn.Module, head: nn.Linear, pixels: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, float]:
+    """(accuracy of the token-averaged features, mean accuracy of each token alone), in eval mode.
+
+    One tower pass serves both: the head is linear, so the averaged features' logits are the mean of
+    the tokens' logits.
+    """
     was_training = tower.training
     tower.eval()
-    correct = sum(
-        (head(_features(tower, x)).argmax(-1) == y).sum().item()
-        for x, y in zip(pixels.split(512), labels.split(512), strict=True)
-    )
+    pooled = token = 0.0
+    for x, y in zip(pixels.split(512), labels.split(512), strict=True):
+        logits = head(tower(x))  # [b, t, classes]
+        pooled += (logits.mean(1).argmax(-1) == y).sum().item()
+        token += (logits.argmax(-1) == y[:, None]).float().mean(1).sum().item()
     tower.train(was_training)
-    return correct / max(1, len(labels))
-
-
-@torch.no_grad()
-def _token_accuracy(tower: nn.Module, head: nn.Linear, pixels: torch.Tensor, labels: torch.Tensor) -> float:
-    """The same classification from each token alone, averaged over tokens and images."""
-    was_training = tower.training
-    tower.eval()
-    pred = head(tower(pixels)).argmax(-1)  # [n, t]
-    tower.train(was_training)
-    return (pred == labels[:, None]).float().mean().item()
+    n = max(1, len(labels))
+    return pooled / n, token / n
 
 
 def pretrain_vision_tower(
@@ -187,13 +181,16 @@ def pretrain_vision_tower(
             total_loss += loss.item() * len(batch)
         losses.append(total_loss / len(train))
         log.info("tower pretraining epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, losses[-1])
+    val_accuracy, val_token_accuracy = (
+        _accuracy(tower, head, pixels[val], labels[val]) if n_val else (None, None)
+    )
     report = {
         "classes": classes,
         "epochs": cfg.epochs,
         "loss": losses,
-        "train_accuracy": _accuracy(tower, head, pixels[train], labels[train]),
-        "val_accuracy": _accuracy(tower, head, pixels[val], labels[val]) if n_val else None,
-        "val_token_accuracy": _token_accuracy(tower, head, pixels[val], labels[val]) if n_val else None,
+        "train_accuracy": _accuracy(tower, head, pixels[train], labels[train])[0],
+        "val_accuracy": val_accuracy,
+        "val_token_accuracy": val_token_accuracy,
         "n_train": len(train),
         "n_val": n_val,
         "seconds": round(time.perf_counter() - start, 1),
