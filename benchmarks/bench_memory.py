@@ -85,7 +85,9 @@ def child(model_name: str, stage: str, steps: int) -> dict:
 
 def main(steps: int = 2, models: tuple[str, ...] = ("tiny", "100m")) -> dict:
     results = []
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}"}
+    # The caller's PYTHONPATH stays after ours (packages installed with pip --target, say).
+    path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     for model_name in models:
         for stage in STAGES:
             cmd = [sys.executable, __file__, "--child", model_name, stage, "--steps", str(steps)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the training path, for a machine with one CUDA GPU (budget: under 8 minutes on an H100).
+# GPU check of the training path, for a machine with one CUDA GPU (about 500 s on an H100: benchmarks/RESULTS.md §7).
 #
 # A ~1.4B-parameter LLaVA with random weights (TinyLlama-shaped LLM: hidden 2048, 22 layers, GQA 32/4,
 # vocab 32000; CLIP-ViT-L/14-336 tower, 576 image tokens; mlp2x_gelu projector) in bf16 with sdpa runs

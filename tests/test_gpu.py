@@ -1,0 +1,130 @@
+"""CUDA checks (marker ``gpu``; ``make test-gpu``): the model on a GPU computes what it computes on the CPU.
+
+fp32 with TF32 off, so CPU and GPU agree to rounding: logits, loss and gradients of the multimodal
+forward (pad and anyres/spatial_unpad), packed == unpacked, batched generation; then a bf16 train step.
+Skipped on a machine without CUDA. The 1.4B throughput / ZeRO check is ``benchmarks/gpu_check.sh``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_packing import _loss_and_grads, _model, _samples, _supervised
+
+from llava_train.constants import IGNORE_INDEX
+from llava_train.data import build_image_processor, load_tokenizer
+from llava_train.data.collator import DataCollator
+from llava_train.data.packing import PackingCollator
+from llava_train.eval.generate import generate_answers
+from llava_train.eval.questions import Question
+from llava_train.model import ModelConfig, build_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+CASES = [("pad", "flat"), ("anyres", "spatial_unpad")]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """TF32 matmuls / convolutions round to 10 mantissa bits: off, so fp32 GPU results match the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _to(batch: dict, device: str) -> dict:
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            return [x.to(device) for x in v]
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def _grads_close(got: dict, ref: dict) -> None:
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name].cpu(), ref[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("aspect,merge", CASES)
+def test_cuda_forward_and_backward_match_cpu(aspect, merge):
+    model = _model(aspect, merge)
+    samples = _samples(model, [1, 0, 2, 1])
+    n = _supervised(samples)
+    batch = DataCollator(0)(samples)
+    loss_cpu, grads_cpu = _loss_and_grads(model, batch, n)
+    with torch.no_grad():
+        logits_cpu = model(**{k: v for k, v in batch.items() if k != "sample_ids"}).logits
+    model.cuda()
+    loss, grads = _loss_and_grads(model, _to(batch, "cuda"), n)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in _to(batch, "cuda").items() if k != "sample_ids"}).logits
+    assert logits.device.type == "cuda"
+    torch.testing.assert_close(logits.cpu(), logits_cpu, rtol=0, atol=1e-4)
+    torch.testing.assert_close(loss.cpu(), loss_cpu, rtol=1e-5, atol=1e-6)
+    _grads_close(grads, grads_cpu)
+
+
+@pytest.mark.parametrize("aspect,merge", CASES)
+def test_cuda_packed_equals_unpacked(aspect, merge):
+    model = _model(aspect, merge).cuda()
+    samples = _samples(model, [1, 0, 2, 1, 0])
+    n = _supervised(samples)
+    for s in samples:  # unpacked: token 0's label is never a target either (as in test_packing)
+        s["labels"][0] = IGNORE_INDEX
+    loss_ref, grads_ref = _loss_and_grads(model, _to(DataCollator(0)(samples), "cuda"), n)
+    loss, grads = _loss_and_grads(model, _to(PackingCollator(0)([samples[:3], samples[3:]]), "cuda"), n)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    _grads_close(grads, {k: v.cpu() for k, v in grads_ref.items()})
+
+
+def test_cuda_bf16_steps_are_finite_and_learn():
+    model = _model("anyres", "spatial_unpad").to("cuda", torch.bfloat16).train()
+    samples = _samples(model, [1, 2, 0, 1])
+    batch = _to(DataCollator(0)(samples), "cuda")
+    batch = {k: v for k, v in batch.items() if k != "sample_ids"}
+    batch["images"] = [x.bfloat16() for x in batch["images"]]
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):  # one batch, memorised: the loss must fall
+        optim.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optim.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("aspect,merge", CASES)
+def test_cuda_batched_generation_matches_cpu(tmp_path, aspect, merge):
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 30), (56, 56), (20, 70)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    questions = [
+        Question(0, "What digit is this?", "0.png"),
+        Question(1, "Hi"),
+        Question(2, "Describe the image in a few words please.", "1.png"),
+        Question(3, "What?", "2.png"),
+    ]
+    tokenizer = load_tokenizer("mistral")
+    torch.manual_seed(0)
+    extra = {"image_grid_pinpoints": [[56, 112], [112, 56], [112, 112]]} if aspect == "anyres" else {}
+    cfg = ModelConfig(preset="tiny", image_aspect_ratio=aspect, mm_patch_merge_type=merge, **extra)
+    model = build_model(cfg, tokenizer).eval()
+    processor = build_image_processor(model.config.mm_vision_config["image_size"])
+    kwargs = dict(template="vicuna_v1", max_new_tokens=6, image_folder=tmp_path, batch_size=4)
+    on_cpu = generate_answers(model, tokenizer, processor, questions, **kwargs)
+    model.cuda()
+    on_gpu = generate_answers(model, tokenizer, processor, questions, **kwargs)
+    one_by_one = generate_answers(model, tokenizer, processor, questions, **{**kwargs, "batch_size": 1})
+    assert [r["text"] for r in on_gpu] == [r["text"] for r in on_cpu] == [r["text"] for r in one_by_one]
+    assert all(r["text"] for r in on_gpu)
