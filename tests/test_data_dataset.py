@@ -13,7 +13,7 @@ from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_train.data import BadRecordError, DataCollator, DataConfig, VisionSpec, build_dataset
 from llava_train.data.image import build_image_processor
 from llava_train.data.mixture import sample_indices
-from llava_train.data.packing import build_packed_dataset
+from llava_train.data.packing import PackingCollator, build_packed_dataset
 from llava_train.data.tokenizers import load_tokenizer
 
 PINPOINTS = "[[56, 56], [112, 56], [56, 112], [112, 112]]"
@@ -323,3 +323,35 @@ def test_packing_bins_on_exact_lengths_without_loading_images(root, tokenizer, p
     packed = build_packed_dataset(ds, max_length=256, by_modality=False)
     assert packed.lengths == [sum(lengths[i] for i in pack) for pack in packed.packs]
     assert sorted(i for pack in packed.packs for i in pack) == list(range(len(ds)))
+
+
+def test_packed_rows_drop_bad_records_instead_of_overfilling(root, tokenizer, processor, caplog):
+    """A JPEG corrupt past a valid header passes exact_lengths (headers only) and fails at decode. Its row
+    must not take the next good record instead: that one's length is not the one the row was planned on."""
+    Image.effect_noise((112, 56), 64).convert("RGB").save(root / "img" / "noise.jpg")
+    data = (root / "img" / "noise.jpg").read_bytes()
+    (root / "img" / "broken.jpg").write_bytes(data[: len(data) // 2])
+    bad = {"id": "broken", "image": "broken.jpg", "conversations": _turns(("<image>\nDigit?", "7"))}
+    long_text = {"id": "long_text", "conversations": _turns(("word " * 60, "ok"))}
+    ds = _dataset(
+        root, tokenizer, processor, [bad, long_text], model_max_length=256, bad_record_policy="skip"
+    )
+    lengths = ds.exact_lengths()
+    assert lengths[0] < lengths[1]  # the bad record's own length: its header is fine
+    packed = build_packed_dataset(ds, max_length=sum(lengths), by_modality=False)
+    assert packed.packs == [[1, 0]]  # one row, exactly full
+    assert 2 * lengths[1] > sum(lengths)  # the old replacement (long_text again) would overfill it
+    row = packed[0]
+    assert [s["sample_id"] for s in row] == ["long_text"]
+    assert ds.bad_record_stats() == {"unreadable_image": 1}
+    assert "broken" in caplog.text and "dropping bad record" in caplog.text
+    batch = PackingCollator(tokenizer, max_length=sum(lengths))([row])
+    assert batch["seq_ids"].max() == 1 and batch["sample_ids"] == ["long_text"]
+    # A row with nothing good left gets the usual replacement (counted once: the row's own bad record).
+    alone = build_packed_dataset(ds, max_length=lengths[1], by_modality=False)
+    assert alone.packs == [[1], [0]]
+    assert [s["sample_id"] for s in alone[1]] == ["long_text"]
+    assert ds.bad_record_stats() == {"unreadable_image": 2}
+    strict = _dataset(root, tokenizer, processor, [bad, long_text], name="s.json", model_max_length=256)
+    with pytest.raises(BadRecordError, match="broken"):
+        build_packed_dataset(strict, max_length=sum(lengths), by_modality=False)[0]

@@ -12,13 +12,16 @@ Nothing is tokenised and no image is opened when the dataset is built; all of it
 
 Bad records follow ``bad_record_policy``: ``strict`` raises BadRecordError naming the record and the
 fix; ``skip`` counts the kind (``bad_record_stats()``), logs it, and returns the next good record, so
-the batch size never changes. Counters live in shared memory so DataLoader workers add to them.
+the batch size never changes. In a packed row (``pack_samples``) a bad record is dropped instead, so that
+the row never outgrows its planned length. Counters live in shared memory so DataLoader workers add to
+them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,25 @@ class LazySupervisedDataset(Dataset):
                     self._count(err.kind)
                     logger.warning("skipping bad record (%s): %s", err.kind, err)
         raise RuntimeError(f"every one of the {len(self)} records is bad; see bad_record_stats()")
+
+    def pack_samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The samples of one packed row (``PackedDataset``), in order.
+
+        Under 'skip' a bad record is dropped from its row (counted and logged), not replaced: the
+        replacement's length is another record's, and a JPEG whose data is corrupt past a valid header
+        had its own length in ``exact_lengths``, so a replacement could overfill the row. A row whose
+        records are all bad gets the usual replacement of its first record: one sample fits any row.
+        """
+        if self.cfg.bad_record_policy == "strict":
+            return [self.build_sample(i) for i in indices]
+        samples = []
+        for i in indices:
+            try:
+                samples.append(self.build_sample(i))
+            except BadRecordError as err:
+                self._count(err.kind)
+                logger.warning("dropping bad record (%s) from its packed row: %s", err.kind, err)
+        return samples or [self._first_good(indices[0], self.build_sample, count=False)]
 
     def build_sample(self, index: int) -> dict[str, Any]:
         """The sample of record ``index``; BadRecordError (naming the record) if it is bad."""

@@ -152,7 +152,9 @@ class PackedDataset(Dataset):
         return len(self.packs)
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
-        return [self.dataset[i] for i in self.packs[index]]
+        pack = self.packs[index]
+        take = getattr(self.dataset, "pack_samples", None)  # drops bad records (LazySupervisedDataset)
+        return take(pack) if take is not None else [self.dataset[i] for i in pack]
 
     @property
     def lengths(self) -> list[int]:
