@@ -165,6 +165,9 @@ def _bad_cases(root):
         ("path_escapes_root", img("../outside.png")),
         ("path_escapes_root", img(str(root / "img" / "a.png"))),
         ("path_escapes_root", img("link.png")),
+        ("path_escapes_root", img({"path": str(root / "img" / "a.png")})),
+        ("path_escapes_root", img({"path": "../outside.png", "bytes": None})),
+        ("missing_image", img({"path": ""})),
     ]
 
 

@@ -306,8 +306,13 @@ def resolve_image_path(rel_path: Any, folder: str) -> Any:
     """Absolute path of ``rel_path`` under ``folder``; path_escapes_root if it leaves it.
 
     Absolute paths, ``..`` and symlinks pointing outside the root are rejected (symlinks resolved).
-    Bytes / {"bytes": ...} payloads (HF datasets) pass through unchanged.
+    Bytes / {"bytes": ...} payloads (HF datasets) pass through unchanged; a {"path": ...} without bytes
+    is a path and gets the same checks.
     """
+    if isinstance(rel_path, dict) and not rel_path.get("bytes"):
+        rel_path = rel_path.get("path")
+        if not isinstance(rel_path, str) or not rel_path:
+            raise BadRecordError("missing_image", "an image dict with neither bytes nor a path")
     if not isinstance(rel_path, str):
         return rel_path
     if os.path.isabs(rel_path):
