@@ -117,8 +117,7 @@ class TrainingConfig:
     per_device_batch_size: int = 16
     precision: Precision = Precision.auto
     gradient_checkpointing: bool = False
-    group_by_modality_length: bool = False
-    dataloader_num_workers: int = 0
+    # Sampler grouping and loader workers are data.group_by_modality_length / data.num_workers.
 
     logging_steps: int = 1
     save_steps: int = 500

@@ -73,6 +73,24 @@ def test_batched_equals_one_at_a_time(tokenizer, image_folder, variant):
     assert "<image>" not in batched[1]["prompt"]
 
 
+def test_transparent_pixels_are_filled_with_the_training_colour(tokenizer, tmp_path):
+    """Training fills transparency with the processor's mean colour (which normalises to ~0); eval must too."""
+    from llava_train.eval.generate import _batch_images
+
+    Image.new("RGBA", (56, 56), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    model, processor = _tiny(tokenizer, "pad")
+    pixels = _batch_images([Question(0, "What?", "clear.png")], model, processor, tmp_path)["images"]
+    assert pixels.abs().max() < 0.02  # white would give (1 - mean) / std, about 1.9
+
+
+def test_a_template_the_tokenizer_cannot_stop_is_refused(image_folder):
+    """chatml on a tokenizer without <|im_end|>: replies would never stop; refused up front instead."""
+    mistral = load_tokenizer("mistral")
+    model, processor = _tiny(mistral, "pad")
+    with pytest.raises(ValueError, match="im_end"):
+        generate_answers(model, mistral, processor, QUESTIONS[:1], template="chatml", image_folder=image_folder)
+
+
 def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]

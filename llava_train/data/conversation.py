@@ -111,6 +111,8 @@ TEMPLATES: dict[str, Template] = {
             assistant_header="<|im_start|>assistant\n",
             assistant_format="{content}<|im_end|>",
             assistant_suffix="\n",
+            # As single tokens: generation stops on <|im_end|> only if it is one (eval.stop_token_ids).
+            required_tokens=("<|im_start|>", "<|im_end|>"),
         ),
         Template(
             "llama_3",

@@ -23,6 +23,8 @@ import torch
 from llava_train.constants import DEFAULT_IMAGE_TOKEN
 from llava_train.data import get_template, load_image, process_images, render_prompt, tokenizer_image_token
 from llava_train.data.conversation import Template
+from llava_train.data.image import mean_colour
+from llava_train.data.preprocess import check_template_tokens
 from llava_train.eval.questions import Question, make_answer_record, read_jsonl, write_jsonl
 
 
@@ -97,7 +99,8 @@ def _batch_images(
     if not paths:
         return {}
     folder = Path(image_folder) if image_folder is not None else Path()
-    pil = [load_image(folder / p) for p in paths]
+    background = mean_colour(image_processor)  # transparency filled as in training (LazySupervisedDataset)
+    pil = [load_image(folder / p, background=background) for p in paths]
     pixels, sizes = process_images(
         pil,
         image_processor,
@@ -168,6 +171,7 @@ def generate_answers(
             "the tokenizer has no pad token; use llava_train.data.load_tokenizer, which sets one"
         )
     template = get_template(template) if isinstance(template, str) else template
+    check_template_tokens(template, tokenizer, bool(getattr(model.config, "mm_use_im_start_end", False)))
     model.eval()
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].text))
     records: dict[int, dict] = {}
