@@ -109,7 +109,9 @@ def test_unknown_key_fails_at_load():
         to_typed(compose_config(["stage=pretrain", "+training.lerning_rate=1e-3"]))
 
 
-@pytest.mark.parametrize("key", ["training.group_by_modality_length=true", "training.dataloader_num_workers=4"])
+@pytest.mark.parametrize(
+    "key", ["training.group_by_modality_length=true", "training.dataloader_num_workers=4"]
+)
 def test_data_settings_under_training_fail_at_load(key):
     """LLaVA's scripts pass these as training arguments; here they are data.* and must not be silently ignored."""
     with pytest.raises(ConfigCompositionException, match=key.split("=")[0]):

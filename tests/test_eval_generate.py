@@ -88,7 +88,9 @@ def test_a_template_the_tokenizer_cannot_stop_is_refused(image_folder):
     mistral = load_tokenizer("mistral")
     model, processor = _tiny(mistral, "pad")
     with pytest.raises(ValueError, match="im_end"):
-        generate_answers(model, mistral, processor, QUESTIONS[:1], template="chatml", image_folder=image_folder)
+        generate_answers(
+            model, mistral, processor, QUESTIONS[:1], template="chatml", image_folder=image_folder
+        )
 
 
 def test_left_pad():
