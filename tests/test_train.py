@@ -3,6 +3,7 @@ checkpoints resume to the same losses, gradient accumulation matches one big bat
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from test_train_utils import (
 )
 from transformers import TrainerCallback
 
+from llava_train.config import to_typed
 from llava_train.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,3 +227,25 @@ def test_launcher_runs_under_plain_python_with_plus_stage_and_local_rank(data_js
         assert (run_dir / name).is_file(), name
     assert "8/8 saved" in proc.stdout + proc.stderr
     assert not (tmp_path / "outputs").exists()  # Hydra wrote nothing into the cwd
+
+
+def test_data_pinpoints_that_differ_from_the_models_are_refused(data_json, tmp_path):
+    """The saved model config (eval, export) crops with the model's grid; training on another is refused."""
+    from llava_train.train import steps
+
+    raw = compose_config(
+        [
+            "+stage=pretrain",
+            *tiny_overrides(data_json, tmp_path),
+            "data.image_grid_pinpoints='[[56,56],[112,56]]'",
+        ]
+    )
+    cfg = to_typed(raw)
+    tokenizer = steps.build_tokenizer(cfg)
+    model = steps.build_model(cfg, tokenizer)
+    assert model.config.image_grid_pinpoints  # the tiny preset is anyres
+    with pytest.raises(ValueError, match="differs from the model's"):
+        steps.build_data(cfg, tokenizer, model)
+    same = to_typed(compose_config(["+stage=pretrain", *tiny_overrides(data_json, tmp_path)]))
+    dataset, _ = steps.build_data(same, tokenizer, model)  # unset: the model's pinpoints are used
+    assert json.loads(dataset.cfg.image_grid_pinpoints) == model.config.image_grid_pinpoints

@@ -84,7 +84,7 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
     from llava_train.data.config import VisionSpec
     from llava_train.data.dataset import build_dataset
     from llava_train.data.image import build_image_processor
-    from llava_train.model.anyres import is_anyres
+    from llava_train.model.anyres import is_anyres, parse_grid_pinpoints
 
     config = _base_config(model)
     data_cfg = cfg.data
@@ -95,14 +95,26 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
             f"data.image_aspect_ratio={data_cfg.image_aspect_ratio!r} but the model merges "
             f"{config.image_aspect_ratio!r} images: set data.image_aspect_ratio={config.image_aspect_ratio}."
         )
+    vision = VisionSpec.from_model_config(config)
     if data_cfg.image_grid_pinpoints is None and config.image_grid_pinpoints:
         data_cfg = dataclasses.replace(data_cfg, image_grid_pinpoints=json.dumps(config.image_grid_pinpoints))
+    elif is_anyres(data_cfg.image_aspect_ratio) and config.image_grid_pinpoints:
+        # The saved model config (eval, export) crops with the model's grid: training must use the same one.
+        ours, theirs = (
+            parse_grid_pinpoints(p, vision.crop_size)
+            for p in (data_cfg.image_grid_pinpoints, config.image_grid_pinpoints)
+        )
+        if ours != theirs:
+            raise ValueError(
+                f"data.image_grid_pinpoints={data_cfg.image_grid_pinpoints} differs from the model's "
+                f"{config.image_grid_pinpoints}: leave data.image_grid_pinpoints unset (the model's are used) "
+                "or set model.image_grid_pinpoints to the same canvases"
+            )
     if data_cfg.model_max_length > config.tokenizer_model_max_length:
         raise ValueError(
             f"data.model_max_length={data_cfg.model_max_length} exceeds the model's truncation length "
             f"{config.tokenizer_model_max_length}: samples would be cut inside the model."
         )
-    vision = VisionSpec.from_model_config(config)
     processor = build_image_processor(vision.crop_size)
     dataset = build_dataset(data_cfg, tokenizer, processor, vision)
     logger.info("train data: %d records from %s", len(dataset), data_cfg.data_path)
