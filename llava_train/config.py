@@ -289,6 +289,10 @@ def check_consistency(cfg: Config) -> None:
             f"training.global_batch_size ({t.global_batch_size}) and training.per_device_batch_size "
             f"({t.per_device_batch_size}) must be positive."
         )
+    if not 0 <= t.warmup_ratio < 1:
+        raise ValueError(  # the Trainer reads a value >= 1 as a number of steps
+            f"training.warmup_ratio={t.warmup_ratio} must be in [0, 1): a fraction of the total steps."
+        )
     if cfg.deepspeed.config_file and cfg.fsdp.enabled:
         raise ValueError("Choose DeepSpeed or FSDP, not both: set deepspeed=none or fsdp=none.")
     if cfg.stage.name == StageName.finetune_lora and not cfg.stage.lora.target_modules:

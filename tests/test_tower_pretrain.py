@@ -94,6 +94,15 @@ def test_frozen_tower_parameters_stay_put():
         assert torch.equal(frozen[k], v), k
 
 
+@pytest.mark.parametrize("epochs,warmup_ratio", [(1, 0.05), (2, 1.0)])
+def test_warmup_covering_every_step_trains(epochs, warmup_ratio):
+    """One batch per epoch: warmup is every step (the cosine part had a division by zero)."""
+    pixels, captions = bars(8)
+    cfg = TowerPretrainConfig(epochs=epochs, batch_size=8, val_share=0.0, warmup_ratio=warmup_ratio)
+    report = pretrain_vision_tower(tiny_tower(), pixels, captions, cfg)
+    assert len(report["loss"]) == epochs
+
+
 @pytest.mark.parametrize(
     ("captions", "match"),
     [(["a", "b"], "3 images but 2 captions"), (["a", "a", "a"], "at least 2 distinct captions")],

@@ -163,7 +163,7 @@ def pretrain_vision_tower(
         lambda s: (
             (s + 1) / warmup
             if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
         ),
     )
     tower.train()
