@@ -113,7 +113,9 @@ def test_warmup_ratio_outside_zero_one_is_refused():
     for ratio in (1.0, 5, -0.1):
         with pytest.raises(ValueError, match="warmup_ratio"):
             to_typed(compose_config(["stage=pretrain", f"training.warmup_ratio={ratio}"]))
-    assert to_typed(compose_config(["stage=pretrain", "training.warmup_ratio=0.5"])).training.warmup_ratio == 0.5
+    assert (
+        to_typed(compose_config(["stage=pretrain", "training.warmup_ratio=0.5"])).training.warmup_ratio == 0.5
+    )
 
 
 @pytest.mark.parametrize(
