@@ -249,3 +249,31 @@ def test_data_pinpoints_that_differ_from_the_models_are_refused(data_json, tmp_p
     same = to_typed(compose_config(["+stage=pretrain", *tiny_overrides(data_json, tmp_path)]))
     dataset, _ = steps.build_data(same, tokenizer, model)  # unset: the model's pinpoints are used
     assert json.loads(dataset.cfg.image_grid_pinpoints) == model.config.image_grid_pinpoints
+
+
+def test_data_seed_seeds_the_train_sampler(data_json, tmp_path):
+    """data.seed orders the data (grouped sampler and the Trainer's data_seed); training.seed the rest."""
+    from llava_train.data.sampler import build_sampler
+    from llava_train.train import steps
+
+    orders = {}
+    for seed in (1, 2):
+        overrides = [
+            "+stage=pretrain",
+            *tiny_overrides(data_json, tmp_path / str(seed), seed=3),
+            f"data.seed={seed}",
+            "data.group_by_modality_length=true",
+        ]
+        cfg = to_typed(compose_config(overrides))
+        tokenizer = steps.build_tokenizer(cfg)
+        model = steps.build_model(cfg, tokenizer)
+        dataset, collator = steps.build_data(cfg, tokenizer, model)
+        trainer = steps.build_trainer(cfg, model, tokenizer, dataset, collator)
+        assert (trainer.args.seed, trainer.args.data_seed) == (3, seed)
+        sampler = trainer._get_train_sampler()
+        expected = build_sampler(
+            dataset, batch_size=4, world_size=1, grad_accum=1, seed=seed, by_modality=True
+        )
+        orders[seed] = list(sampler)
+        assert orders[seed] == list(expected)
+    assert orders[1] != orders[2]
