@@ -165,7 +165,7 @@ def summarise(metrics: dict, out: Path) -> None:
     for name, acc, n in rows:
         print(f"{name:<16}{acc:>10.3f}{n!s:>6}")
     for key in ("single_digit", "composite"):
-        if metrics[key] is not None:
+        if metrics.get(key) is not None:  # a group with no questions is absent
             print(f"{key:<16}{metrics[key]:>10.3f}")
     print(f"{'overall':<16}{metrics['overall']['accuracy']:>10.3f}{metrics['overall']['n']:>6}")
     print(

@@ -27,3 +27,16 @@ def test_demo_quick_runs_every_step(tmp_path):
     for path in ("stage1/mm_projector.safetensors", "stage2/adapter_model.safetensors", "hf/config.json"):
         assert (out / path).is_file(), path
     assert len((out / "answers.jsonl").read_text().splitlines()) == 12
+
+
+def test_summary_of_an_eval_set_without_composite_questions(capsys, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_launcher", ROOT / "launch" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    metrics = {"per_category": {"digit": {"accuracy": 0.5, "n": 4}}, "overall": {"accuracy": 0.5, "n": 4}}
+    metrics.update(demo.composite_split(metrics))
+    assert metrics["single_digit"] == 0.5 and "composite" not in metrics
+    demo.summarise(metrics, tmp_path)
+    assert "single_digit" in capsys.readouterr().out

@@ -283,6 +283,41 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_records(data_json, tmp
         run_steps(raw, before_train=Poison(nan_calls=set(range(1, 100))))
 
 
+class _Counted(torch.utils.data.Dataset):
+    """A sample dataset with LazySupervisedDataset's counter interface."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {"truncated_samples": 1}  # what building it read
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return {"length": 1}
+
+    def bad_record_stats(self):
+        return {k: n for k, n in self.counts.items() if n}
+
+    def _count(self, kind, n=1):
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+
+def test_fault_state_round_trip_through_a_packed_dataset(tmp_path):
+    """Packed runs checkpoint and restore the sample dataset's counters; a run of non-finite steps survives."""
+    from llava_train.data.packing import PackedDataset
+
+    guard = faults.NonFiniteGuard(max_in_a_row=5)
+    guard.skipped, guard.in_a_row = 4, 2
+    packed = PackedDataset(_Counted(), [[0, 1], [2]], [1, 1, 1])
+    packed._count("missing_image", 3)
+    faults.save_fault_state(tmp_path, packed.bad_record_stats(), guard)
+    fresh, restored = PackedDataset(_Counted(), [[0, 1], [2]], [1, 1, 1]), faults.NonFiniteGuard(5)
+    assert faults.load_fault_state(tmp_path, fresh, restored) == {"missing_image": 3, "truncated_samples": 1}
+    assert fresh.bad_record_stats() == {"missing_image": 3, "truncated_samples": 1}
+    assert (restored.skipped, restored.in_a_row) == (4, 2)
+    assert PackedDataset([{"length": 1}], [[0]], [1]).bad_record_stats() == {}  # a dataset without counters
+
+
 # ---- pre-flight: bad run dir fails before training ----------------------------------------------------
 class TrainBegan(TrainerCallback):
     began = False

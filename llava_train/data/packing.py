@@ -156,6 +156,15 @@ class PackedDataset(Dataset):
         take = getattr(self.dataset, "pack_samples", None)  # drops bad records (LazySupervisedDataset)
         return take(pack) if take is not None else [self.dataset[i] for i in pack]
 
+    # The sample dataset's bad-record counters (checkpointed by the trainer; {} if it keeps none).
+    def bad_record_stats(self) -> dict[str, int]:
+        stats = getattr(self.dataset, "bad_record_stats", None)
+        return stats() if stats is not None else {}
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        if hasattr(self.dataset, "_count"):
+            self.dataset._count(kind, n)
+
     @property
     def lengths(self) -> list[int]:
         """Total exact length of each pack."""

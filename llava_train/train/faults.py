@@ -252,7 +252,11 @@ def save_fault_state(
     out_dir: str | os.PathLike, bad_record_counts: dict[str, int], guard: NonFiniteGuard
 ) -> None:
     """The bad-record counters of the data trained on so far and the skipped-step count, for a resume."""
-    state = {"bad_record_stats": bad_record_counts, "nonfinite_skipped": guard.skipped}
+    state = {
+        "bad_record_stats": bad_record_counts,
+        "nonfinite_skipped": guard.skipped,
+        "nonfinite_in_a_row": guard.in_a_row,  # a diverging run gets no fresh allowance from a resume
+    }
     Path(out_dir, FAULT_STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
 
 
@@ -264,6 +268,7 @@ def load_fault_state(ckpt_dir: str | os.PathLike, dataset: Any, guard: NonFinite
         return {}
     state = json.loads(path.read_text())
     guard.skipped = int(state.get("nonfinite_skipped", 0))
+    guard.in_a_row = int(state.get("nonfinite_in_a_row", 0))
     stats = {k: int(n) for k, n in (state.get("bad_record_stats") or {}).items()}
     if hasattr(dataset, "bad_record_stats"):
         # The counters of a fresh dataset hold what building it read; set them to the checkpoint's values
