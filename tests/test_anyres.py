@@ -108,3 +108,52 @@ def test_model_feature_length_matches_num_image_tokens(tiny_model, aspect, merge
             patches_per_side=tower.num_patches_per_side,
         )
         assert feature.shape == (expected, model.config.hidden_size), size
+
+
+@pytest.mark.parametrize("aspect", ["pad", "anyres"])
+def test_cls_patch_features_count_the_cls_token(aspect):
+    """select_feature cls_patch keeps CLS: P*P + 1 per crop, and the data side counts it (VisionSpec)."""
+    from llava_train.data.config import VisionSpec
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        preset="tiny", hidden_size=32, intermediate_size=64, mm_vision_select_feature="cls_patch",
+        mm_patch_merge_type="flat", image_aspect_ratio=aspect,
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    tower, spec = model.get_vision_tower(), VisionSpec.from_model_config(model.config)
+    assert spec.cls_token
+    sizes = _sizes(2, 6)
+    if aspect == "pad":
+        images = torch.randn(len(sizes), 3, tower.image_size, tower.image_size)
+    else:
+        grids = [
+            get_anyres_image_grid_shape(s, model.config.image_grid_pinpoints, tower.image_size) for s in sizes
+        ]
+        images = [torch.randn(1 + w * h, 3, tower.image_size, tower.image_size) for w, h in grids]
+    with torch.no_grad():
+        features = model.image_features(images, sizes)
+    for size, feature in zip(sizes, features):
+        expected = num_image_tokens(
+            size,
+            image_aspect_ratio=aspect,
+            mm_patch_merge_type="flat",
+            image_grid_pinpoints=model.config.image_grid_pinpoints,
+            crop_size=spec.crop_size,
+            patches_per_side=spec.patches_per_side,
+            cls_token=spec.cls_token,
+        )
+        assert feature.shape[0] == expected, size
+
+
+def test_cls_patch_with_a_spatial_merge_is_refused():
+    cfg = ModelConfig(
+        preset="tiny", mm_vision_select_feature="cls_patch", mm_patch_merge_type="spatial_unpad"
+    )
+    with pytest.raises(ValueError, match="cls_patch with mm_patch_merge_type=spatial_unpad"):
+        build_model(cfg)
+    with pytest.raises(ValueError, match="cls_patch has no spatial_unpad merge"):
+        num_image_tokens(
+            (60, 40), image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+            image_grid_pinpoints=[[56, 56]], crop_size=56, patches_per_side=4, cls_token=True,
+        )  # fmt: skip

@@ -62,12 +62,14 @@ class VisionSpec:
     patches_per_side: P = S // patch size.
     mm_patch_merge_type: flat | spatial | spatial_unpad (as in the model config).
     mm_use_im_start_end: wrap each image placeholder in <im_start> ... <im_end>.
+    cls_token: the tower's CLS feature is kept (mm_vision_select_feature cls_patch): P*P + 1 per crop.
     """
 
     crop_size: int = 336
     patches_per_side: int = 24
     mm_patch_merge_type: str = "flat"
     mm_use_im_start_end: bool = False
+    cls_token: bool = False
 
     @classmethod
     def from_model_config(cls, config: Any) -> VisionSpec:
@@ -83,6 +85,7 @@ class VisionSpec:
             patches_per_side=crop // patch,
             mm_patch_merge_type=getattr(config, "mm_patch_merge_type", "flat") or "flat",
             mm_use_im_start_end=bool(getattr(config, "mm_use_im_start_end", False)),
+            cls_token=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch",
         )
 
 

@@ -104,6 +104,7 @@ class LazySupervisedDataset(Dataset):
             image_grid_pinpoints=self.cfg.image_grid_pinpoints,
             crop_size=self.vision.crop_size,
             patches_per_side=self.vision.patches_per_side,
+            cls_token=self.vision.cls_token,
         )
 
     # ---- samples ----

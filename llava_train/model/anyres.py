@@ -140,18 +140,23 @@ def num_image_tokens(
     image_grid_pinpoints: str | Sequence[Sequence[int]] | None,
     crop_size: int,
     patches_per_side: int,
+    cls_token: bool = False,
 ) -> int:
     """Exact number of feature tokens the model inserts for one image of ``image_size`` (w, h).
 
     Mirrors the merge in ``LlavaMetaForCausalLM``: non-anyres images arrive stacked and are
-    always flat (P*P tokens); anyres images arrive as [1 + crops, 3, s, s] and are merged per
-    ``mm_patch_merge_type``.
+    always flat (P*P tokens, + 1 with ``cls_token``: select_feature cls_patch); anyres images arrive
+    as [1 + crops, 3, s, s] and are merged per ``mm_patch_merge_type``.
     """
-    base = patches_per_side**2
+    base = patches_per_side**2 + int(cls_token)
     if not is_anyres(image_aspect_ratio):
         return base
     num_w, num_h = get_anyres_image_grid_shape(image_size, image_grid_pinpoints, crop_size)
-    if mm_patch_merge_type == "flat" or mm_patch_merge_type == "spatial":
+    if mm_patch_merge_type == "flat":
+        return base + num_w * num_h * base
+    if cls_token:
+        raise ValueError(f"mm_vision_select_feature=cls_patch has no {mm_patch_merge_type} merge; use flat")
+    if mm_patch_merge_type == "spatial":
         return base + num_w * num_h * base
     if mm_patch_merge_type.startswith("spatial") and "unpad" in mm_patch_merge_type:
         height, width = unpadded_shape(num_h * patches_per_side, num_w * patches_per_side, image_size)

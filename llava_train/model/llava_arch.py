@@ -305,6 +305,11 @@ class LlavaMetaModel:
         config.mm_vision_select_layer = getattr(model_args, "mm_vision_select_layer", -2)
         config.mm_vision_select_feature = getattr(model_args, "mm_vision_select_feature", "patch")
         config.mm_patch_merge_type = getattr(model_args, "mm_patch_merge_type", "flat") or "flat"
+        if config.mm_vision_select_feature == "cls_patch" and config.mm_patch_merge_type != "flat":
+            raise ValueError(  # the spatial grid has no place for the CLS feature (the original fails too)
+                f"mm_vision_select_feature=cls_patch with mm_patch_merge_type={config.mm_patch_merge_type}: "
+                "use mm_patch_merge_type=flat, or mm_vision_select_feature=patch"
+            )
         config.mm_vision_config = getattr(model_args, "mm_vision_config", None) or config.mm_vision_config
         for key in ("use_s2", "s2_scales"):
             if hasattr(model_args, key):
