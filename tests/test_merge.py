@@ -137,7 +137,7 @@ def test_decode_step_passes_through(model):
     assert out[0] is ids and out[3] == "cache" and out[4] is None
 
 
-def test_projector_gets_gradient_without_images(model):
+def test_every_multimodal_module_runs_without_images(model):
     model.config.image_aspect_ratio, model.config.mm_patch_merge_type = "anyres", "spatial_unpad"
     model.train()
     model.zero_grad()
@@ -145,8 +145,20 @@ def test_projector_gets_gradient_without_images(model):
     loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
     loss.backward()
     model.eval()
-    for name, param in model.get_model().mm_projector.named_parameters():
-        assert param.grad is not None, name
+    # DDP needs every trainable parameter an image batch uses in the graph (a tuned tower's too); ZeRO-3 the
+    # same gathers on every rank. The tower's parameters all require grad in this fixture.
+    mm = [(n, p) for n, p in model.named_parameters() if "vision_tower" in n or "mm_projector" in n]
+    without_images = {n for n, p in mm if p.grad is not None}
+    assert all(not p.grad.any() for n, p in mm if n in without_images)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    image = [torch.randn(3, 3, 56, 56)]  # base + a 2x1 grid
+    model(
+        input_ids=torch.tensor([[1, IMAGE_TOKEN_INDEX, 6]]), images=image, image_sizes=[(112, 56)]
+    ).logits.sum().backward()
+    model.eval()
+    with_images = {n for n, p in mm if p.grad is not None}
+    assert any("vision_tower" in n for n in with_images) and without_images == with_images
     assert model.get_model().image_newline.grad is not None
     # The anchor is exactly zero: same loss as the plain LLM path.
     with torch.no_grad():

@@ -236,3 +236,86 @@ def test_initialize_vision_tokenizer_adds_mean_rows(tiny):
     new = model.get_input_embeddings().weight
     assert new.shape[0] == old.shape[0] + 2
     torch.testing.assert_close(new[-1].detach(), old.mean(0))
+
+
+class _Vocab:
+    """The tokenizer calls initialize_vision_tokenizer makes."""
+
+    def __init__(self, n: int):
+        self.tokens = [f"t{i}" for i in range(n)]
+
+    def add_tokens(self, tokens, special_tokens=False):
+        new = [t for t in tokens if t not in self.tokens]
+        self.tokens += new
+        return len(new)
+
+    def convert_tokens_to_ids(self, tokens):
+        return [self.tokens.index(t) for t in tokens]
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+@pytest.mark.parametrize("already_added", [False, True])
+def test_stage1_image_token_rows_load_by_id_and_touch_nothing_else(tmp_path, already_added):
+    """A tokenizer saved by stage 1 already has <im_start>/<im_end> (no new rows): their stage-1 rows still
+    load, and no other row changes (the whole matrix used to be overwritten then)."""
+    torch.manual_seed(5)
+    model = build_model(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64))
+    vocab = _Vocab(model.config.vocab_size)
+    if already_added:
+        vocab.add_tokens(["<im_start>", "<im_end>"])
+        model.resize_token_embeddings(len(vocab))
+    size = (len(vocab) + (0 if already_added else 2), 32)
+    save_file(
+        {"model.embed_tokens.weight": torch.full(size, 7.0)}, str(tmp_path / "mm_projector.safetensors")
+    )
+    before = model.get_input_embeddings().weight.detach().clone()
+    args = SimpleNamespace(
+        mm_use_im_patch_token=False,
+        mm_use_im_start_end=True,
+        tune_mm_mlp_adapter=False,
+        pretrain_mm_mlp_adapter=str(tmp_path / "mm_projector.safetensors"),
+    )
+    model.initialize_vision_tokenizer(args, vocab)
+    weight = model.get_input_embeddings().weight.detach()
+    rows = vocab.convert_tokens_to_ids(["<im_start>", "<im_end>"])
+    assert rows == [len(vocab) - 2, len(vocab) - 1] and bool((weight[rows] == 7.0).all())
+    torch.testing.assert_close(
+        weight[: before.shape[0] - (2 if already_added else 0)], before[: weight.shape[0] - 2]
+    )
+
+
+def test_bf16_model_takes_fp32_pixels_and_tensor_image_sizes():
+    """Outside autocast (eval scripts, plain loops): fp32 pixels into a bf16 model; sizes as a tensor [n, 2]."""
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64, dtype="bfloat16")
+    ).eval()
+    tower = model.get_vision_tower()
+    sizes = [(112, 56), (56, 56)]
+    images = [
+        torch.randn(1 + w * h, 3, tower.image_size, tower.image_size)
+        for w, h in (
+            get_anyres_image_grid_shape(s, model.config.image_grid_pinpoints, tower.image_size) for s in sizes
+        )
+    ]
+    with torch.no_grad():
+        as_list = model.image_features(images, sizes)
+        as_tensor = model.image_features(images, torch.tensor(sizes))
+        ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, IMAGE_TOKEN_INDEX, 6]])
+        logits = model(input_ids=ids, images=images, image_sizes=sizes).logits
+    assert all(torch.equal(a, b) for a, b in zip(as_list, as_tensor)) and as_list[0].dtype == torch.bfloat16
+    assert torch.isfinite(logits.float()).all()
+
+
+def test_tied_embeddings_stay_trainable_when_the_adapter_tunes_them():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        preset="tiny", hidden_size=32, intermediate_size=64, extra={"tie_word_embeddings": True}
+    )
+    model = build_model(cfg)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    args = SimpleNamespace(mm_use_im_patch_token=False, mm_use_im_start_end=True, tune_mm_mlp_adapter=True)
+    model.initialize_vision_tokenizer(args, _Vocab(model.config.vocab_size))
+    assert model.get_input_embeddings().weight.requires_grad  # freezing the output froze the shared input

@@ -164,7 +164,7 @@ class ModelConfig:
     tune_mm_mlp_adapter: bool = False
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
-    extra: dict = field(default_factory=dict)  # any other LlamaConfig key, passed through
+    extra: dict = field(default_factory=dict)  # any LlamaConfig key, passed through (wins over the preset)
 
 
 def _preset(cfg: ModelConfig) -> dict[str, Any]:
@@ -206,8 +206,10 @@ def build_llava_config(cfg: ModelConfig, vocab_size: int | None = None) -> Llava
     mm = _resolved_mm(cfg, preset)
     vision_config = _vision_config(cfg, preset)
     return LlavaConfig(
-        **llm,
-        **cfg.extra,
+        **{
+            **llm,
+            **cfg.extra,
+        },  # extra may also override a preset's LlamaConfig key (tie_word_embeddings, ...)
         mm_vision_tower=cfg.vision_tower or preset["vision_name"],
         mm_vision_config=vision_config,
         mm_hidden_size=_mm_hidden_size(cfg, vision_config),

@@ -377,13 +377,18 @@ class LlavaMetaForCausalLM:
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] -> [n, P*P, h]."""
-        features = self.get_model().get_vision_tower()(images)  # [n, P*P, d_v]
-        return self.get_model().mm_projector(features)
+        features = self.get_model().get_vision_tower()(images)  # [n, P*P, d_v], in the pixels' dtype
+        projector = self.get_model().mm_projector
+        return projector(features.to(next(projector.parameters()).dtype))  # fp32 pixels, bf16 model: no mixup
 
     def image_features(
         self, images: torch.Tensor | list[torch.Tensor], image_sizes: list | None
     ) -> list[torch.Tensor]:
         """Per-image merged features [L_i, h]: stacked images are flat; lists / 5-D go by merge type."""
+        if (
+            image_sizes is not None
+        ):  # (w, h) pairs as plain ints: a tensor [n, 2] works too, and caches by value
+            image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         if not isinstance(images, list) and images.ndim == 4:
             return list(self.encode_images(images))  # n_img x [P*P, h]
         images = [x[None] if x.ndim == 3 else x for x in images]  # each [crops, 3, S, S]
@@ -491,11 +496,17 @@ class LlavaMetaForCausalLM:
         return newline.to(device=like.device, dtype=like.dtype)
 
     def _unused_mm_anchor(self) -> torch.Tensor:
-        """0 * (projector + newline): keeps them in the graph on an image-free batch (ZeRO-3 needs it)."""
+        """0 * (tower + projector + newline) of one blank crop, for an image-free batch under autograd.
+
+        Every multimodal module still runs: DDP needs each trainable parameter (a tuned tower's too) in
+        the graph, and ZeRO-3 needs every rank to gather the same parameters, images or not (the original
+        feeds a blank image to text-only samples for the same reason).
+        """
         model = self.get_model()
-        weight = model.embed_tokens.weight
-        dummy = weight.new_zeros(1, self.config.mm_hidden_size)
-        anchor = model.mm_projector(dummy).sum()
+        tower = model.get_vision_tower()
+        side = tower.image_size
+        blank = torch.zeros(1, 3, side, side, device=tower.device, dtype=tower.dtype)  # [1, 3, S, S]
+        anchor = self.encode_images(blank).sum()
         newline = getattr(model, "image_newline", None)
         if newline is not None:
             anchor = anchor + newline.sum()
@@ -606,10 +617,11 @@ class LlavaMetaForCausalLM:
                 self._mean_init_new_rows(num_new)
             if tune_adapter:
                 self.get_input_embeddings().requires_grad_(True)
-                self.get_output_embeddings().requires_grad_(False)
+                if self.get_output_embeddings().weight is not self.get_input_embeddings().weight:  # untied
+                    self.get_output_embeddings().requires_grad_(False)
             path = getattr(model_args, "pretrain_mm_mlp_adapter", None)
             if path:
-                self._load_pretrained_token_rows(path, num_new)
+                self._load_pretrained_token_rows(path, tokenizer)
         elif getattr(model_args, "mm_use_im_patch_token", False) and tune_adapter:
             self.get_input_embeddings().requires_grad_(False)
             self.get_output_embeddings().requires_grad_(False)
@@ -620,17 +632,23 @@ class LlavaMetaForCausalLM:
             weight[-num_new:] = weight[:-num_new].mean(dim=0, keepdim=True)
 
     @torch.no_grad()
-    def _load_pretrained_token_rows(self, path: str, num_new: int) -> None:
+    def _load_pretrained_token_rows(self, path: str, tokenizer: Any) -> None:
+        """The stage-1 rows of <im_start> / <im_end> (a whole saved matrix, or just those 2 rows).
+
+        Rows are found by token id, so a tokenizer that already had the tokens (saved by stage 1) loads
+        them too, and no other row is touched.
+        """
         saved = load_projector_weights(path).get("model.embed_tokens.weight")
         if saved is None:
             return
         weight = self.get_input_embeddings().weight
+        rows = tokenizer.convert_tokens_to_ids([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN])
         if saved.shape == weight.shape:
-            weight[-num_new:] = saved[-num_new:]
-        elif saved.shape[0] == num_new:
-            weight[-num_new:] = saved
+            weight[rows] = saved[rows].to(weight.dtype)
+        elif saved.shape == (len(rows), weight.shape[1]):
+            weight[rows] = saved.to(weight.dtype)
         else:
             raise ValueError(
                 f"embed_tokens in {path} has shape {tuple(saved.shape)}; expected {tuple(weight.shape)} "
-                f"or ({num_new}, {weight.shape[1]}) for the {num_new} new image tokens"
+                f"or ({len(rows)}, {weight.shape[1]}) for the image start / end tokens"
             )
