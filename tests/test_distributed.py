@@ -68,6 +68,10 @@ def test_two_process_deepspeed(data_json, tmp_path, zero, stage):
     )
     losses = first[0]["losses"]
     assert min(losses[s] for s in ("2", "3", "4")) < losses["1"] - 0.3, losses  # batches differ by modality
+    # ZeRO-3 builds the LLM sharded (zero.Init): no rank ever holds the whole decoder.
+    assert first[0]["llm_sharded_at_build"] == (zero == "zero3")
+    if zero == "zero3":
+        assert first[0]["llm_local_numel"] == 0  # partitioned parameters are empty outside a gather
 
     # What each stage saves, with full (gathered) tensors even under ZeRO-3.
     files = {
@@ -93,3 +97,41 @@ def test_two_process_deepspeed(data_json, tmp_path, zero, stage):
     for step in ("3", "4"):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-4), (step, losses, resumed)
     assert second[0]["checksum"] == pytest.approx(first[0]["checksum"], rel=1e-5)
+
+
+def test_zero3_from_a_pretrained_llava_checkpoint(data_json, tmp_path):
+    """The real ZeRO-3 path: a saved LLaVA (LLM + tower + projector) loads sharded through from_pretrained,
+    and the stage-1 projector file is loaded into the sharded projector (gathered, then re-partitioned)."""
+    import torch
+    from safetensors.torch import save_file
+    from test_train_utils import compose_config
+
+    from llava_train.config import to_typed
+    from llava_train.train import steps
+
+    base_cfg = to_typed(compose_config(["+stage=pretrain", *tiny_overrides(data_json, tmp_path / "b")]))
+    tokenizer = steps.build_tokenizer(base_cfg)
+    torch.manual_seed(0)
+    base = steps.build_model(base_cfg, tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    projector = {
+        f"model.mm_projector.{k}": torch.full_like(v, 0.25)
+        for k, v in base.get_model().mm_projector.state_dict().items()
+    }
+    save_file(projector, str(tmp_path / "mm_projector.safetensors"))
+    run_dir = tmp_path / "run"
+    overrides = [
+        "+stage=finetune",
+        "deepspeed=zero3",
+        f"model.llm_path={tmp_path / 'base'}",
+        f"stage.pretrain_mm_mlp_adapter={tmp_path / 'mm_projector.safetensors'}",
+        *tiny_overrides(
+            data_json, run_dir, learning_rate=2e-3, max_steps=2, save_steps=100, global_batch_size=8
+        ),
+        "training.per_device_batch_size=2",
+    ]
+    ranks = _torchrun(overrides, tmp_path)
+    assert ranks[0]["llm_sharded_at_build"] and ranks[0]["llm_local_numel"] == 0
+    assert ranks[0]["projector_sum"] == pytest.approx(0.25 * sum(v.numel() for v in projector.values()))
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)

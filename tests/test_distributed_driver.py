@@ -20,26 +20,44 @@ import torch  # noqa: E402
 from test_train_utils import compose_config, logged_losses, run_steps  # noqa: E402
 
 
-def checksum(model) -> float:
-    params = list(model.parameters())
-    gather = contextlib.nullcontext()
+def _gathered(params: list):
     if any(getattr(p, "ds_id", None) is not None for p in params):  # ZeRO-3: partitioned, shape [0]
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(params)
-    with gather, torch.no_grad():
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+def checksum(model) -> float:
+    params = list(model.parameters())
+    with _gathered(params), torch.no_grad():
         return float(sum(p.double().sum() for p in params))
 
 
 def main() -> None:
     raw = compose_config(sys.argv[1:])
-    trainer, model, _ = run_steps(raw)
+    built = {}
+
+    def record(model) -> None:  # before DeepSpeed's engine exists: sharded only if zero.Init built it
+        decoder = [
+            p
+            for n, p in model.named_parameters()
+            if ".layers." in n and "vision" not in n and "lora_" not in n
+        ]
+        built["llm_sharded_at_build"] = all(getattr(p, "ds_id", None) is not None for p in decoder)
+        built["llm_local_numel"] = sum(p.numel() for p in decoder)
+        projector = [p for n, p in model.named_parameters() if "mm_projector" in n]
+        with _gathered(projector), torch.no_grad():  # its values as loaded, whole
+            built["projector_sum"] = float(sum(p.double().sum() for p in projector))
+
+    trainer, model, _ = run_steps(raw, before_train=record)
     rank = int(os.environ.get("RANK", "0"))
     out = {
         "rank": rank,
         "world_size": trainer.args.world_size,
         "losses": logged_losses(trainer),
         "checksum": checksum(trainer.model),
+        **built,
     }
     Path(raw.training.run_dir, f"rank{rank}.json").write_text(json.dumps(out))
 

@@ -256,7 +256,8 @@ def _build_llm(cfg: ModelConfig, config: LlavaConfig) -> LlavaLlamaForCausalLM:
         )
     text_config = copy.deepcopy(config)
     text_config.mm_vision_tower = None
-    return LlavaLlamaForCausalLM(text_config).to(_DTYPES[cfg.dtype])
+    # _from_config: under DeepSpeed ZeRO-3 (transformers' flag set) it builds under zero.Init, sharded.
+    return LlavaLlamaForCausalLM._from_config(text_config, dtype=_DTYPES[cfg.dtype])
 
 
 _MM_CONFIG_KEYS = (

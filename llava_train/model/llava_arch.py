@@ -14,10 +14,12 @@ is the per-image feature reshaping for anyres (grid shape, unpad, newline), one 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -273,6 +275,12 @@ def projector_state_from(weights: dict[str, torch.Tensor], projector: nn.Module,
     return state
 
 
+def load_projector(projector: nn.Module, path: str) -> None:
+    """Load the ``mm_projector`` weights of ``path`` into ``projector`` (gathered whole under ZeRO-3)."""
+    with gathered(list(projector.parameters())):
+        projector.load_state_dict(projector_state_from(load_projector_weights(path), projector, path))
+
+
 class LlavaMetaModel:
     """Mixin for the base LLM: owns ``vision_tower``, ``mm_projector`` and ``image_newline``."""
 
@@ -317,7 +325,9 @@ class LlavaMetaModel:
         weight = self.embed_tokens.weight
         tower = self.get_vision_tower()
         if tower is None:
-            tower = build_vision_tower(config).to(device=weight.device, dtype=weight.dtype)
+            tower = build_vision_tower(config)
+            if not any(hasattr(p, "ds_id") for p in tower.parameters()):  # zero.Init placed a pretrained one
+                tower = tower.to(device=weight.device, dtype=weight.dtype)
             self.vision_tower = [tower] if fsdp else tower
         else:
             tower.load_model()
@@ -335,8 +345,17 @@ class LlavaMetaModel:
 
         path = getattr(model_args, "pretrain_mm_mlp_adapter", None)
         if path:
-            state = projector_state_from(load_projector_weights(path), self.mm_projector, path)
-            self.mm_projector.load_state_dict(state)
+            load_projector(self.mm_projector, path)
+
+
+def gathered(params: Sequence[torch.Tensor]) -> Any:
+    """Context in which ZeRO-3-partitioned ``params`` are whole, and rank 0's writes reach every rank's
+    shard; a no-op for ordinary parameters."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,8 +647,10 @@ class LlavaMetaForCausalLM:
 
     @torch.no_grad()
     def _mean_init_new_rows(self, num_new: int) -> None:
-        for weight in (self.get_input_embeddings().weight, self.get_output_embeddings().weight):
-            weight[-num_new:] = weight[:-num_new].mean(dim=0, keepdim=True)
+        weights = (self.get_input_embeddings().weight, self.get_output_embeddings().weight)
+        with gathered(weights):
+            for weight in weights:
+                weight[-num_new:] = weight[:-num_new].mean(dim=0, keepdim=True)
 
     @torch.no_grad()
     def _load_pretrained_token_rows(self, path: str, tokenizer: Any) -> None:
@@ -643,12 +664,13 @@ class LlavaMetaForCausalLM:
             return
         weight = self.get_input_embeddings().weight
         rows = tokenizer.convert_tokens_to_ids([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN])
-        if saved.shape == weight.shape:
-            weight[rows] = saved[rows].to(weight.dtype)
-        elif saved.shape == (len(rows), weight.shape[1]):
-            weight[rows] = saved.to(weight.dtype)
-        else:
-            raise ValueError(
-                f"embed_tokens in {path} has shape {tuple(saved.shape)}; expected {tuple(weight.shape)} "
-                f"or ({len(rows)}, {weight.shape[1]}) for the image start / end tokens"
-            )
+        with gathered([weight]):
+            if saved.shape == weight.shape:
+                weight[rows] = saved[rows].to(weight.dtype)
+            elif saved.shape == (len(rows), weight.shape[1]):
+                weight[rows] = saved.to(weight.dtype)
+            else:
+                raise ValueError(
+                    f"embed_tokens in {path} has shape {tuple(saved.shape)}; expected {tuple(weight.shape)} "
+                    f"or ({len(rows)}, {weight.shape[1]}) for the image start / end tokens"
+                )

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llava_train.config import LoraConfig, StageConfig, StageName
-from llava_train.model.llava_arch import load_projector_weights, projector_state_from
+from llava_train.model.llava_arch import load_projector
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
     inner = model.get_model()
     if stage.pretrain_mm_mlp_adapter:
         path = stage.pretrain_mm_mlp_adapter
-        state = projector_state_from(load_projector_weights(path), inner.mm_projector, path)
-        inner.mm_projector.load_state_dict(state)
+        load_projector(inner.mm_projector, path)
         logger.info("loaded stage-1 projector from %s", path)
     elif name != StageName.pretrain:
         logger.warning(

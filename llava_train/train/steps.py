@@ -70,11 +70,32 @@ def build_tokenizer(cfg: Config) -> Any:
 
 
 def build_model(cfg: Config, tokenizer: Any) -> Any:
+    """The model of ``cfg.model``. Under ZeRO-3 it is built sharded (deepspeed.zero.Init): each rank holds
+    its part of the LLM from the start instead of a full copy, as the original's from_pretrained did."""
     from llava_train.model import build_model as _build
 
+    # TrainingArguments with a ZeRO-3 config set transformers' ZeRO-3 flag while they live: from_pretrained
+    # and _from_config then build under zero.Init. The Trainer gets its own arguments later.
+    zero3_flag = build_training_args(cfg) if is_zero3(cfg) else None
+    if zero3_flag is not None:  # zero.Init shards over DeepSpeed's process group: set it up now
+        import deepspeed
+        import torch.distributed as dist
+
+        _ = zero3_flag.device  # the Trainer's device and torch.distributed setup
+        deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     model = _build(cfg.model, tokenizer)
+    del zero3_flag
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
     return model
+
+
+def is_zero3(cfg: Config) -> bool:
+    from llava_train.config import deepspeed_config_path
+
+    path = deepspeed_config_path(cfg.deepspeed)
+    if path is None:
+        return False
+    return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)) == 3
 
 
 def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
