@@ -197,3 +197,33 @@ def test_fsdp_on_cpu_is_refused():
 def test_deepspeed_and_fsdp_together_are_refused():
     with pytest.raises(ValueError, match="not both"):
         to_typed(compose_config(["stage=pretrain", "fsdp=full_shard", "deepspeed=zero2"]))
+
+
+@pytest.mark.parametrize(
+    "sharding,offload",
+    [("full_shard auto_wrap", False), ("shard_grad_op auto_wrap", False), ("full_shard auto_wrap offload", False),
+     ("full_shard", True)],
+)  # fmt: skip
+def test_fsdp_config_equals_transformers_reading_of_the_legacy_string(tmp_path, sharding, offload):
+    """Our fsdp_config (no deprecated string) gives the Trainer what its own translation of LLaVA's
+    `--fsdp "full_shard auto_wrap"` gives (TrainingArguments construct on CPU; only training needs a GPU)."""
+    from transformers import TrainingArguments
+
+    from llava_train.config import FsdpConfig
+    from llava_train.train.trainer import fsdp_config
+
+    fsdp = FsdpConfig(enabled=True, sharding=sharding, cpu_offload=offload)
+    ours = TrainingArguments(
+        output_dir=str(tmp_path), fsdp=True, fsdp_config=fsdp_config(fsdp), report_to="none"
+    )
+    legacy_string = sharding + (" offload" if offload else "")
+    legacy_config = {
+        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+        "activation_checkpointing": False,
+    }
+    legacy = TrainingArguments(
+        output_dir=str(tmp_path), fsdp=legacy_string, fsdp_config=legacy_config, report_to="none"
+    )
+    assert ours.fsdp is True and ours.fsdp_config == legacy.fsdp_config
+    with pytest.raises(ValueError, match="hybrid sharding"):
+        fsdp_config(FsdpConfig(enabled=True, sharding="hybrid_shard"))

@@ -34,6 +34,7 @@ from transformers import Trainer, TrainingArguments
 
 from llava_train.config import (
     Config,
+    FsdpConfig,
     Precision,
     StageName,
     deepspeed_config_path,
@@ -65,6 +66,29 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def fsdp_config(fsdp: FsdpConfig) -> dict:
+    """TrainingArguments.fsdp_config (FSDP2) for the fsdp group; transformers 5 deprecates the string form
+    ``fsdp="full_shard auto_wrap"`` LLaVA's scripts pass. full_shard reshards after forward, shard_grad_op
+    keeps the parameters gathered; auto_wrap wraps ``transformer_layer_cls_to_wrap`` (the default policy)."""
+    words = fsdp.sharding.split()
+    reshard = {"full_shard": True, "shard_grad_op": False}
+    strategy = [w for w in words if w in reshard]
+    unknown = [w for w in words if w not in (*reshard, "auto_wrap", "offload")]
+    if unknown or len(strategy) != 1:
+        raise ValueError(
+            f"fsdp.sharding={fsdp.sharding!r}: use one of full_shard / shard_grad_op, optionally with auto_wrap "
+            "and offload (FSDP2; hybrid sharding needs transformers' FSDP1, not configured here)"
+        )
+    config = {
+        "reshard_after_forward": reshard[strategy[0]],
+        "transformer_layer_cls_to_wrap": list(fsdp.transformer_layer_cls_to_wrap),
+        "activation_checkpointing": fsdp.activation_checkpointing,
+    }
+    if fsdp.cpu_offload or "offload" in words:
+        config["cpu_offload"] = True
+    return config
+
+
 def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArguments:
     """Map the typed config onto TrainingArguments; check world size and batch arithmetic."""
     t = cfg.training
@@ -87,16 +111,7 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         report_to = "wandb"
         os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
         os.environ.setdefault("WANDB_DIR", str(run_dir))
-    fsdp_kwargs = {}
-    if cfg.fsdp.enabled:
-        sharding = cfg.fsdp.sharding + (" offload" if cfg.fsdp.cpu_offload else "")
-        fsdp_kwargs = {
-            "fsdp": sharding,
-            "fsdp_config": {
-                "transformer_layer_cls_to_wrap": list(cfg.fsdp.transformer_layer_cls_to_wrap),
-                "activation_checkpointing": cfg.fsdp.activation_checkpointing,
-            },
-        }
+    fsdp_kwargs = {"fsdp": True, "fsdp_config": fsdp_config(cfg.fsdp)} if cfg.fsdp.enabled else {}
     args = TrainingArguments(
         output_dir=str(run_dir),
         run_name=t.name,
