@@ -135,3 +135,25 @@ def test_zero3_from_a_pretrained_llava_checkpoint(data_json, tmp_path):
     assert ranks[0]["projector_sum"] == pytest.approx(0.25 * sum(v.numel() for v in projector.values()))
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+
+
+def test_zero3_lora_in_bf16(data_json, tmp_path):
+    """zero.Init builds the LLM in bf16 and DeepSpeed does not cast such a model; peft's LoRA weights are fp32
+    and ZeRO-3 trains one dtype, so apply_stage casts them (DeepSpeed's optimizer setup failed before)."""
+    import math
+
+    overrides = [
+        "+stage=finetune_lora",
+        "deepspeed=zero3",
+        "stage.pretrain_mm_mlp_adapter=null",
+        "stage.lora.r=8",
+        "training.precision=bf16",
+        *tiny_overrides(data_json, tmp_path / "run", max_steps=2, save_steps=100, global_batch_size=8),
+        "training.per_device_batch_size=2",
+    ]
+    ranks = _torchrun(overrides, tmp_path)
+    assert ranks[0]["llm_sharded_at_build"]
+    losses = ranks[0]["losses"]
+    assert (
+        len(losses) == 2 and all(math.isfinite(v) for v in losses.values()) and losses == ranks[1]["losses"]
+    )

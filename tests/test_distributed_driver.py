@@ -44,6 +44,7 @@ def main() -> None:
             for n, p in model.named_parameters()
             if ".layers." in n and "vision" not in n and "lora_" not in n
         ]
+        assert decoder, "no decoder parameter matched"
         built["llm_sharded_at_build"] = all(getattr(p, "ds_id", None) is not None for p in decoder)
         built["llm_local_numel"] = sum(p.numel() for p in decoder)
         projector = [p for n, p in model.named_parameters() if "mm_projector" in n]

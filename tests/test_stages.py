@@ -141,3 +141,17 @@ def test_optimizer_groups_lrs_and_no_decay(model):
             no_decay = p.ndim < 2 or "bias" in n or "norm" in n
             assert g["weight_decay"] == (0.0 if no_decay else 0.1), n
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_parameters_added_after_a_zero3_build_take_its_dtype():
+    """Sharded (ds_id) parameters set the dtype; peft's fp32 LoRA weights and other late parameters follow."""
+    from llava_train.train.stages import _match_zero3_dtype
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4).bfloat16(), torch.nn.Linear(4, 4))
+    for p in model[0].parameters():
+        p.ds_id = 0  # what zero.Init marks its parameters with
+    _match_zero3_dtype(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    plain = torch.nn.Linear(4, 4)
+    _match_zero3_dtype(plain)  # no sharded parameter: untouched
+    assert plain.weight.dtype == torch.float32

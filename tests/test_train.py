@@ -251,17 +251,18 @@ def test_data_pinpoints_that_differ_from_the_models_are_refused(data_json, tmp_p
     assert json.loads(dataset.cfg.image_grid_pinpoints) == model.config.image_grid_pinpoints
 
 
-def test_data_seed_seeds_the_train_sampler(data_json, tmp_path):
-    """data.seed orders the data (grouped sampler and the Trainer's data_seed); training.seed the rest."""
+def test_training_seed_orders_the_data_not_data_seed(data_json, tmp_path):
+    """The train sampler (grouped here) and the Trainer's data_seed follow training.seed; data.seed seeds the
+    mixture sampling only, so it leaves the order alone."""
     from llava_train.data.sampler import build_sampler
     from llava_train.train import steps
 
     orders = {}
-    for seed in (1, 2):
+    for seed, data_seed in ((1, 5), (1, 6), (2, 5)):
         overrides = [
             "+stage=pretrain",
-            *tiny_overrides(data_json, tmp_path / str(seed), seed=3),
-            f"data.seed={seed}",
+            *tiny_overrides(data_json, tmp_path / f"{seed}-{data_seed}", seed=seed),
+            f"data.seed={data_seed}",
             "data.group_by_modality_length=true",
         ]
         cfg = to_typed(compose_config(overrides))
@@ -269,11 +270,10 @@ def test_data_seed_seeds_the_train_sampler(data_json, tmp_path):
         model = steps.build_model(cfg, tokenizer)
         dataset, collator = steps.build_data(cfg, tokenizer, model)
         trainer = steps.build_trainer(cfg, model, tokenizer, dataset, collator)
-        assert (trainer.args.seed, trainer.args.data_seed) == (3, seed)
-        sampler = trainer._get_train_sampler()
+        assert trainer.args.seed == trainer.args.data_seed == seed
+        orders[seed, data_seed] = list(trainer._get_train_sampler())
         expected = build_sampler(
             dataset, batch_size=4, world_size=1, grad_accum=1, seed=seed, by_modality=True
         )
-        orders[seed] = list(sampler)
-        assert orders[seed] == list(expected)
-    assert orders[1] != orders[2]
+        assert orders[seed, data_seed] == list(expected)
+    assert orders[1, 5] == orders[1, 6] != orders[2, 5]

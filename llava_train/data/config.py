@@ -23,7 +23,7 @@ class DataConfig:
     group_by_modality_length / group_by_length: which sampler the trainer builds.
     packing: pack samples into rows of model_max_length (data/packing.py); the per-device batch size
         then counts packed rows.
-    seed: seeds the mixture sampling (random:N) and the train sampler's shuffling (training.seed the rest).
+    seed: seeds the mixture sampling (random:N). The train sampler's order follows training.seed.
     """
 
     data_path: str = ""

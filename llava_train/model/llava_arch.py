@@ -663,14 +663,16 @@ class LlavaMetaForCausalLM:
         if saved is None:
             return
         weight = self.get_input_embeddings().weight
-        rows = tokenizer.convert_tokens_to_ids([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN])
+        ids = tokenizer.convert_tokens_to_ids([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN])
         with gathered([weight]):
+            saved = saved.to(device=weight.device, dtype=weight.dtype)  # an indexed write needs one device
+            rows = torch.tensor(ids, device=weight.device)
             if saved.shape == weight.shape:
-                weight[rows] = saved[rows].to(weight.dtype)
-            elif saved.shape == (len(rows), weight.shape[1]):
-                weight[rows] = saved.to(weight.dtype)
+                weight[rows] = saved[rows]
+            elif saved.shape == (len(ids), weight.shape[1]):
+                weight[rows] = saved
             else:
                 raise ValueError(
                     f"embed_tokens in {path} has shape {tuple(saved.shape)}; expected {tuple(weight.shape)} "
-                    f"or ({len(rows)}, {weight.shape[1]}) for the image start / end tokens"
+                    f"or ({len(ids)}, {weight.shape[1]}) for the image start / end tokens"
                 )

@@ -100,8 +100,21 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
         inner.image_newline.requires_grad_(stage.tune_projector)
     if stage.tune_vision_tower:
         inner.get_vision_tower().requires_grad_(True)
+    _match_zero3_dtype(model)
     logger.info("stage %s:\n%s", name.value, format_trainable_table(model))
     return model
+
+
+def _match_zero3_dtype(model: nn.Module) -> None:
+    """A model built under zero.Init is not cast by DeepSpeed, and ZeRO-3 trains one dtype: parameters created
+    after the build (peft's LoRA weights are fp32) take the dtype of the sharded ones (bf16 / fp16 runs)."""
+    sharded = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not sharded:
+        return
+    dtype = sharded[0].dtype
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
@@ -158,9 +171,10 @@ def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:
     summary = {c: [0, 0] for c in COMPONENTS}
     for n, p in model.named_parameters():
         c = summary[component_of(n)]
-        c[1] += p.numel()
+        numel = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 shards are empty outside a gather
+        c[1] += numel
         if p.requires_grad:
-            c[0] += p.numel()
+            c[0] += numel
     return {c: (t, n) for c, (t, n) in summary.items() if n}
 
 

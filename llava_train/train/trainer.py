@@ -116,7 +116,7 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         output_dir=str(run_dir),
         run_name=t.name,
         seed=t.seed,
-        data_seed=cfg.data.seed,  # the shuffling of the default sampler
+        data_seed=t.seed,  # the samplers' order follows training.seed (data.seed: mixture sampling only)
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
@@ -240,7 +240,7 @@ class LlavaTrainer(Trainer):
             batch_size=self.args.train_batch_size,
             world_size=self.args.world_size,
             grad_accum=self.args.gradient_accumulation_steps,
-            seed=data.seed,
+            seed=self.args.seed,
             by_modality=data.group_by_modality_length,
         )
 
