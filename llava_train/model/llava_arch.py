@@ -404,9 +404,8 @@ class LlavaMetaForCausalLM:
         self, images: torch.Tensor | list[torch.Tensor], image_sizes: list | None
     ) -> list[torch.Tensor]:
         """Per-image merged features [L_i, h]: stacked images are flat; lists / 5-D go by merge type."""
-        if (
-            image_sizes is not None
-        ):  # (w, h) pairs as plain ints: a tensor [n, 2] works too, and caches by value
+        # (w, h) pairs as plain ints: a tensor [n, 2] works too, and the index cache keys by value.
+        if image_sizes is not None:
             image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         if not isinstance(images, list) and images.ndim == 4:
             return list(self.encode_images(images))  # n_img x [P*P, h]
@@ -647,7 +646,8 @@ class LlavaMetaForCausalLM:
 
     @torch.no_grad()
     def _mean_init_new_rows(self, num_new: int) -> None:
-        weights = (self.get_input_embeddings().weight, self.get_output_embeddings().weight)
+        pair = (self.get_input_embeddings().weight, self.get_output_embeddings().weight)
+        weights = list({id(w): w for w in pair}.values())  # once if tied
         with gathered(weights):
             for weight in weights:
                 weight[-num_new:] = weight[:-num_new].mean(dim=0, keepdim=True)
