@@ -90,24 +90,37 @@ def tiny_model():
 def test_model_feature_length_matches_num_image_tokens(tiny_model, aspect, merge):
     model = tiny_model
     model.config.image_aspect_ratio, model.config.mm_patch_merge_type = aspect, merge
-    tower = model.get_vision_tower()
     sizes = _sizes(2, 12)
-    images = []
-    for size in sizes:
-        num_w, num_h = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, tower.image_size)
-        images.append(torch.randn(1 + num_w * num_h, 3, tower.image_size, tower.image_size))
     with torch.no_grad():
-        features = model.image_features(images, sizes)
-    for size, feature in zip(sizes, features):
-        expected = num_image_tokens(
-            size,
-            image_aspect_ratio=aspect,
-            mm_patch_merge_type=merge,
-            image_grid_pinpoints=model.config.image_grid_pinpoints,
-            crop_size=tower.image_size,
-            patches_per_side=tower.num_patches_per_side,
-        )
+        features = model.image_features(_anyres_crops(model, sizes), sizes)
+    for size, feature, expected in zip(sizes, features, _data_side_counts(model, sizes)):
         assert feature.shape == (expected, model.config.hidden_size), size
+
+
+def _anyres_crops(model, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Random pixels shaped as the model's anyres crops of each size: [1 + grid crops, 3, S, S]."""
+    side = model.get_vision_tower().image_size
+    grids = [get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, side) for size in sizes]
+    return [torch.randn(1 + w * h, 3, side, side) for w, h in grids]
+
+
+def _data_side_counts(model, sizes: list[tuple[int, int]]) -> list[int]:
+    """Image tokens per size as the dataset counts them (VisionSpec read from the model's config)."""
+    from llava_train.data.config import VisionSpec
+
+    spec = VisionSpec.from_model_config(model.config)
+    return [
+        num_image_tokens(
+            size,
+            image_aspect_ratio=model.config.image_aspect_ratio,
+            mm_patch_merge_type=spec.mm_patch_merge_type,
+            image_grid_pinpoints=model.config.image_grid_pinpoints,
+            crop_size=spec.crop_size,
+            patches_per_side=spec.patches_per_side,
+            cls_token=spec.cls_token,
+        )
+        for size in sizes
+    ]
 
 
 @pytest.mark.parametrize("aspect", ["pad", "anyres"])
@@ -121,28 +134,14 @@ def test_cls_patch_features_count_the_cls_token(aspect):
         mm_patch_merge_type="flat", image_aspect_ratio=aspect,
     )  # fmt: skip
     model = build_model(cfg).eval()
-    tower, spec = model.get_vision_tower(), VisionSpec.from_model_config(model.config)
+    spec = VisionSpec.from_model_config(model.config)
     assert spec.cls_token
     sizes = _sizes(2, 6)
-    if aspect == "pad":
-        images = torch.randn(len(sizes), 3, tower.image_size, tower.image_size)
-    else:
-        grids = [
-            get_anyres_image_grid_shape(s, model.config.image_grid_pinpoints, tower.image_size) for s in sizes
-        ]
-        images = [torch.randn(1 + w * h, 3, tower.image_size, tower.image_size) for w, h in grids]
+    side = spec.crop_size
+    images = torch.randn(len(sizes), 3, side, side) if aspect == "pad" else _anyres_crops(model, sizes)
     with torch.no_grad():
         features = model.image_features(images, sizes)
-    for size, feature in zip(sizes, features):
-        expected = num_image_tokens(
-            size,
-            image_aspect_ratio=aspect,
-            mm_patch_merge_type="flat",
-            image_grid_pinpoints=model.config.image_grid_pinpoints,
-            crop_size=spec.crop_size,
-            patches_per_side=spec.patches_per_side,
-            cls_token=spec.cls_token,
-        )
+    for size, feature, expected in zip(sizes, features, _data_side_counts(model, sizes)):
         assert feature.shape[0] == expected, size
 
 

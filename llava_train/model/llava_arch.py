@@ -326,7 +326,7 @@ class LlavaMetaModel:
         tower = self.get_vision_tower()
         if tower is None:
             tower = build_vision_tower(config)
-            if not any(hasattr(p, "ds_id") for p in tower.parameters()):  # zero.Init placed a pretrained one
+            if not any(is_sharded(p) for p in tower.parameters()):  # zero.Init placed a pretrained one
                 tower = tower.to(device=weight.device, dtype=weight.dtype)
             self.vision_tower = [tower] if fsdp else tower
         else:
@@ -348,10 +348,20 @@ class LlavaMetaModel:
             load_projector(self.mm_projector, path)
 
 
+def is_sharded(param: torch.Tensor) -> bool:
+    """A ZeRO-3-partitioned parameter (zero.Init or DeepSpeed marked it; empty outside a gather)."""
+    return hasattr(param, "ds_id")
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Element count of the whole parameter, also for a ZeRO-3 shard (whose numel() is 0)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def gathered(params: Sequence[torch.Tensor]) -> Any:
     """Context in which ZeRO-3-partitioned ``params`` are whole, and rank 0's writes reach every rank's
     shard; a no-op for ordinary parameters."""
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(is_sharded(p) for p in params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)

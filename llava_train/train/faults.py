@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from llava_train.model.llava_arch import full_numel
+
 logger = logging.getLogger(__name__)
 
 FAULT_STATE_FILE = "fault_state.json"
@@ -77,7 +79,7 @@ def checkpoint_bytes(model: nn.Module, full_model: bool, deepspeed: bool = False
     """
     total = 0
     for p in model.parameters():
-        numel = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave numel() == 0
+        numel = full_numel(p)  # ZeRO-3 partitions leave numel() == 0
         size = numel * p.element_size()
         if p.requires_grad:
             total += size + numel * (ADAM_STATE_BYTES + (4 if deepspeed else 0))

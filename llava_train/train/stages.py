@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llava_train.config import LoraConfig, StageConfig, StageName
-from llava_train.model.llava_arch import load_projector
+from llava_train.model.llava_arch import full_numel, is_sharded, load_projector
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +108,12 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
 def _match_zero3_dtype(model: nn.Module) -> None:
     """A model built under zero.Init is not cast by DeepSpeed, and ZeRO-3 trains one dtype: parameters created
     after the build (peft's LoRA weights are fp32) take the dtype of the sharded ones (bf16 / fp16 runs)."""
-    sharded = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    sharded = [p for p in model.parameters() if is_sharded(p)]
     if not sharded:
         return
     dtype = sharded[0].dtype
     for p in model.parameters():
-        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+        if not is_sharded(p) and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
 
 
@@ -171,7 +171,7 @@ def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:
     summary = {c: [0, 0] for c in COMPONENTS}
     for n, p in model.named_parameters():
         c = summary[component_of(n)]
-        numel = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 shards are empty outside a gather
+        numel = full_numel(p)
         c[1] += numel
         if p.requires_grad:
             c[0] += numel
