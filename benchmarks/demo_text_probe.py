@@ -1,15 +1,19 @@
 """How fast does the demo's random LLM learn the composite skills from text alone? (README "The demo")
 
-    .venv/bin/python benchmarks/demo_text_probe.py [--seconds 90] [--layers 4 --hidden 128 --heads 4]
-        [--batch 16 --lr 1e-3] [--format chat|short]        # -> benchmarks/out/demo_text_probe.json
+    .venv/bin/python benchmarks/demo_text_probe.py [--seconds 90 | --steps 600] [--layers 4 --hidden 128
+        --heads 4] [--batch 16 --lr 1e-3 --init 0.1] [--format chat|short] [--rounds 0 --text-first 0.5]
+                                                            # -> benchmarks/out/demo_text_probe.json
 
 No image is involved: the demo's stage-2 questions are asked about random digits written as text
 (``llm_text_records`` in data/build_demo.py; a strip is one row, a 2x2 grid two), to a random Llama with
 the Mistral tokenizer (by default width 128 and 4 layers, the demo LLM of README runs F-J; the demo now
-uses ``--hidden 64 --layers 6``). It trains for a fixed wall time (answer tokens only, AdamW,
-warm-up then cosine), then scores 300 held-out conversations: a conversation counts as right when every
-answer token of its first turn is the argmax (what greedy decoding returns). If the LLM cannot learn to
-read, locate and add digits from exact text in the demo's time budget, it cannot learn it from images.
+uses ``--hidden 64 --layers 6``). It trains for a fixed wall time or number of steps (answer tokens
+only, AdamW, warm-up then cosine), then scores 300 held-out one-question conversations, the digits
+before the question as the demo's held-out images are: a conversation counts as right when every
+answer token is the argmax (what greedy decoding returns). ``--rounds`` (questions per training
+conversation, 0: one to all of them) and ``--text-first`` (share with the digits before the question)
+shape the training conversations as ``data/build_demo.py --rounds / --image-first`` shape the
+demo's. It isolates the LLM: how fast it learns to read, locate and add digits given exact text.
 
 ``--format chat`` is the demo's vicuna_v1 prompt (system line, the short-answer instruction on every
 question); ``short`` drops the system line and the instruction (fewer tokens per answer).
@@ -104,6 +108,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--format", choices=["chat", "short"], default="chat")
+    parser.add_argument("--init", type=float, default=0.1, help="initializer_range of the random LLM")
+    parser.add_argument("--rounds", type=int, default=0, help="questions per conversation (0: 1 to all)")
+    parser.add_argument(
+        "--text-first", type=float, default=0.5, help="share of digits written before the question"
+    )
+    parser.add_argument("--steps", type=int, default=0, help="train this many steps instead of --seconds")
     args = parser.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -120,21 +130,26 @@ def main() -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
         vocab_size=len(tokenizer),
-        initializer_range=0.1,
+        initializer_range=args.init,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    held_out = demo.llm_text_records(300, random.Random(999))
+    held_out = demo.llm_text_records(300, random.Random(999), 1, 1.0)
     test = [encode(r, tokenizer, args.format, demo.SHORT_ANSWER) for r in held_out]
     rng, steps, start = random.Random(0), 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < args.seconds:
-        records = demo.llm_text_records(args.batch, rng)
+
+    def progress(elapsed: float) -> float:
+        return steps / args.steps if args.steps else elapsed / args.seconds
+
+    def done(elapsed: float) -> bool:
+        return steps >= args.steps if args.steps else elapsed >= args.seconds
+
+    while not done(elapsed := time.perf_counter() - start):
+        records = demo.llm_text_records(args.batch, rng, args.rounds, args.text_first)
         ids, labels, mask = batchify([encode(r, tokenizer, args.format, demo.SHORT_ANSWER) for r in records])
         for group in optimizer.param_groups:  # 20 warm-up steps, cosine over the wall-time budget
-            group["lr"] = (
-                args.lr * min(1.0, steps / 20) * 0.5 * (1 + math.cos(math.pi * elapsed / args.seconds))
-            )
+            group["lr"] = args.lr * min(1.0, steps / 20) * 0.5 * (1 + math.cos(math.pi * progress(elapsed)))
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         target = labels[:, 1:]
         keep = target != -100  # the LM head on answer tokens only, as LlavaLlamaForCausalLM trains
@@ -158,13 +173,14 @@ def main() -> None:
     result = {
         "args": vars(args),
         "steps": steps,
+        "train_seconds": round(elapsed, 1),
         "conversations_seen": steps * args.batch,
         "final_loss": round(loss.item(), 3),
         "accuracy": accuracy,
         "n": {name: len(v) for name, v in sorted(right.items())},
     }
     write("demo_text_probe", result)
-    print(f"{steps} steps ({steps * args.batch} conversations) in {args.seconds:.0f} s; held-out accuracy:")
+    print(f"{steps} steps ({steps * args.batch} conversations) in {elapsed:.0f} s; held-out accuracy:")
     for name, acc in accuracy.items():
         print(f"  {name:<14}{acc:>7.3f}  (n={result['n'][name]})")
 

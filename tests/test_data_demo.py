@@ -78,9 +78,22 @@ def test_tower_pairs_cover_every_training_digit_once(demo):
     assert len({p["image"] for p in pairs}) == len(pairs)
 
 
-def test_composite_conversations_ask_every_question(demo):
-    out, _ = demo
+def test_stage2_asks_one_question_after_the_image_as_the_eval_does(demo):
+    """The default stage-2 conversations have the held-out questions' shape: "<image>\\n" then one question."""
+    out, meta = demo
     records = [r for r in json.loads((out / "stage2.json").read_text()) if "image" in r]
+    assert records and (meta["stage2_rounds"], meta["stage2_image_first"]) == (1, 1.0)
+    assert all(len(r["conversations"]) == 2 for r in records)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+
+
+def test_stage2_several_rounds_on_request(tmp_path):
+    """rounds=0 keeps the earlier data: every question of a composite image, the image on either side."""
+    spec = importlib.util.spec_from_file_location("build_demo", ROOT / "data" / "build_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build(tmp_path, n_stage1=4, n_stage2=60, n_eval=4, seed=0, rounds=0, image_first=0.5)
+    records = [r for r in json.loads((tmp_path / "stage2.json").read_text()) if "image" in r]
     for r in records:
         rounds = len(r["conversations"]) // 2
         if "/strip" in r["image"]:
@@ -89,3 +102,5 @@ def test_composite_conversations_ask_every_question(demo):
             assert rounds == 3, r
         else:
             assert 1 <= rounds <= 3, r
+    firsts = [r["conversations"][0]["value"] for r in records]
+    assert any(v.startswith("<image>") for v in firsts) and any(v.endswith("<image>") for v in firsts)

@@ -165,3 +165,20 @@ def test_merge_pretrain_folds_stage1_projector_and_tower(tmp_path):
     assert not torch.equal(_logits(merged), _logits(_tiny()))
     with pytest.raises(FileNotFoundError, match="pretrain"):
         merge_pretrain(tmp_path / "base", tmp_path / "base")
+
+
+@torch.no_grad()
+def test_pretrain_rerun_without_tower_drops_the_stale_tower_file(tmp_path):
+    """A frozen-tower run into a dir an earlier tower-tuning run wrote: the old tower must not be merged."""
+    _tiny().save_pretrained(tmp_path / "base")
+    model = apply_stage(
+        _tiny(), StageConfig(name="pretrain", pretrain_mm_mlp_adapter=None, tune_vision_tower=True)
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    save_stage_weights(str(tmp_path / "s1"), "pretrain", model.state_dict(), trainable)
+    assert (tmp_path / "s1" / "vision_tower.safetensors").is_file()
+    projector_only = {n for n in trainable if "vision_tower" not in n}
+    written = save_stage_weights(str(tmp_path / "s1"), "pretrain", model.state_dict(), projector_only)
+    assert written == ["mm_projector.safetensors"]
+    assert not (tmp_path / "s1" / "vision_tower.safetensors").exists()
+    merge_pretrain(tmp_path / "base", tmp_path / "s1")  # loads: only the projector is folded

@@ -137,9 +137,15 @@ def save_stage_weights(out_dir: str, stage: str, state_dict: dict, trainable: se
             for k, v in state_dict.items()
             if k in trainable and component_of(k) == "vision_tower"
         }
+        tower_path = os.path.join(out_dir, VISION_TOWER_FILE)
         if tower:
-            save_file(_tensors(tower), os.path.join(out_dir, VISION_TOWER_FILE), metadata={"format": "pt"})
+            save_file(_tensors(tower), tower_path, metadata={"format": "pt"})
             written.append(VISION_TOWER_FILE)
+        elif os.path.exists(tower_path):  # an earlier run's tower in this dir would be merged as this run's
+            os.remove(tower_path)
+            logger.warning(
+                "removed %s: left by an earlier run; this run does not train the tower", tower_path
+            )
     elif stage == "finetune_lora":
         rest = {
             original_name(k): v for k, v in state_dict.items() if k in trainable and component_of(k) != "lora"
