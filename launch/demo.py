@@ -38,7 +38,7 @@ SEED = 0
 PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168], [224, 56], [56, 224]]
 DEMO_MODEL = {
     # A narrow, deeper LLM: 6 layers of width 64 learn composite questions no worse than 4 of 128 and
-    # train faster, which pays for a 6th stage-2 epoch (README runs K and L).
+    # train faster (README runs K and L).
     "hidden_size": 64,
     "intermediate_size": 172,
     "num_hidden_layers": 6,
@@ -52,7 +52,8 @@ BASE_MODEL = {"preset": "tiny", **DEMO_MODEL, "extra": {"initializer_range": 0.1
 # Step 0b, the tower's stand-in for CLIP pretraining (llava_train/train/tower_pretrain.py).
 TOWER = {"epochs": 80, "lr": 3e-3, "batch_size": 128, "token_loss": 1.0}
 
-# Demo schedule (2 CPU cores): see README "Demo" for the figures this reaches.
+# Demo schedule (2 CPU cores): see README "Demo" for the figures this reaches. Stage 2 makes 2 passes over
+# 18,000 one-question conversations (data/build_demo.py defaults; README runs M-O).
 STAGE1 = [
     "training.global_batch_size=32",
     "training.per_device_batch_size=32",

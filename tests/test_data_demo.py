@@ -104,3 +104,17 @@ def test_stage2_several_rounds_on_request(tmp_path):
             assert 1 <= rounds <= 3, r
     firsts = [r["conversations"][0]["value"] for r in records]
     assert any(v.startswith("<image>") for v in firsts) and any(v.endswith("<image>") for v in firsts)
+
+
+@pytest.mark.parametrize(("sum_weight", "more_sums"), [(3, True), (1, False)])
+def test_sum_questions_weighted_in_one_question_data(tmp_path, sum_weight, more_sums):
+    """sum_weight=3: a composite image is asked its sum 3x as often as each other question (read: strips)."""
+    spec = importlib.util.spec_from_file_location("build_demo", ROOT / "data" / "build_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build(tmp_path, n_stage1=4, n_stage2=400, n_eval=4, seed=0, sum_weight=sum_weight)
+    asked = [r["conversations"][0]["value"] for r in json.loads((tmp_path / "stage2.json").read_text())]
+    sums = sum("sum of the digits" in q for q in asked)
+    reads = sum("Read the digits" in q for q in asked)
+    # Expected sums / reads: 0.48 / 0.10 of composites with weight 3, 0.24 / 0.14 with weight 1.
+    assert reads > 0 and (sums > 2.5 * reads) == more_sums, (sums, reads)
