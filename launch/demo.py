@@ -1,6 +1,6 @@
 """`make demo`: the whole LLaVA recipe on the bundled handwritten-digit data, on a CPU, offline.
 
-    python launch/demo.py [--out runs/demo] [--data data/demo] [--quick]
+    python launch/demo.py [--out runs/demo] [--data data/demo] [--quick] [--seed 0]
 
 0. a random tiny base model (Llama decoder + CLIP tower + projector) stands in for vicuna + CLIP
 0b. the random tower is pretrained on the training digits' caption pairs (data/demo/tower_pairs.json),
@@ -77,7 +77,6 @@ STAGE2 = [
 ]
 COMMON = [
     "model=tiny",
-    f"training.seed={SEED}",
     "training.gradient_checkpointing=false",
     "training.logging_steps=10",
     "training.save_steps=100000",  # only the final weights: the demo does not resume
@@ -107,7 +106,7 @@ def run(cmd: list[str]) -> None:
     subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True)
 
 
-def build_base(out: Path, data: Path, quick: bool) -> dict:
+def build_base(out: Path, data: Path, quick: bool, seed: int = SEED) -> dict:
     """Steps 0 and 0b: the random tiny base model, its tower pretrained on the training caption pairs.
 
     Saved with its tokenizer like a pretrained checkpoint; returns the tower pretraining report.
@@ -123,7 +122,7 @@ def build_base(out: Path, data: Path, quick: bool) -> dict:
         pretrain_vision_tower,
     )
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     tokenizer = load_tokenizer(TOKENIZER)
     model = build_model(ModelConfig(**BASE_MODEL), tokenizer)
     tower = model.get_vision_tower()
@@ -133,7 +132,7 @@ def build_base(out: Path, data: Path, quick: bool) -> dict:
     pixels, captions = load_caption_pairs(
         data / "tower_pairs.json", data / "images", build_image_processor(tower.image_size)
     )
-    cfg = TowerPretrainConfig(**{**TOWER, "epochs": 1 if quick else TOWER["epochs"], "seed": SEED})
+    cfg = TowerPretrainConfig(**{**TOWER, "epochs": 1 if quick else TOWER["epochs"], "seed": seed})
     report = pretrain_vision_tower(tower, pixels, captions, cfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -181,20 +180,21 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo", type=Path)
     parser.add_argument("--data", default="data/demo", type=Path)
     parser.add_argument("--quick", action="store_true", help="3 steps per stage (smoke test)")
+    parser.add_argument("--seed", type=int, default=SEED, help="model init, tower pretraining and training")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out, data = args.out.resolve(), args.data.resolve()
-    quick = QUICK if args.quick else []
+    run_args = [*(QUICK if args.quick else []), f"training.seed={args.seed}"]
     if not (data / "stage2.json").is_file():
         sys.exit(f"no demo data under {data}: run `make data` (python data/build_demo.py --out {data})")
     start = time.perf_counter()
 
     log.info("0/6 random tiny base model -> %s", out / "base")
-    tower_report = build_base(out / "base", data, args.quick)
+    tower_report = build_base(out / "base", data, args.quick, args.seed)
 
     log.info("1/6 stage 1: the projector on caption pairs (LLM and tower frozen)")
     data_args = [f"data.data_path={data / 'stage1.json'}", f"data.image_folder={data / 'images'}"]
-    train("pretrain", "demo_pretrain", out / "stage1", out / "base", [*STAGE1, *data_args, *quick])
+    train("pretrain", "demo_pretrain", out / "stage1", out / "base", [*STAGE1, *data_args, *run_args])
 
     from llava_train.eval.run import run_eval
     from llava_train.export import export_hf, merge_lora, merge_pretrain
@@ -211,7 +211,7 @@ def main() -> None:
         "demo",
         out / "stage2",
         out / "stage1_model",
-        [*STAGE2, projector, *data_args, *quick],
+        [*STAGE2, projector, *data_args, *run_args],
     )
 
     log.info("4/6 $ python launch/export.py op=merge model_dir=%s adapter_dir=%s out_dir=%s",

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,7 +15,7 @@ def test_demo_quick_runs_every_step(tmp_path):
     build = [sys.executable, "data/build_demo.py", "--out", str(data), "--stage1", "64", "--stage2", "64"]
     subprocess.run([*build, "--eval", "12"], cwd=ROOT, check=True)
     subprocess.run(
-        [sys.executable, "launch/demo.py", "--quick", "--data", str(data), "--out", str(out)],
+        [sys.executable, "launch/demo.py", "--quick", "--data", str(data), "--out", str(out), "--seed", "3"],
         cwd=ROOT,
         check=True,
         env={"PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled", "HOME": str(Path.home())},
@@ -27,6 +29,8 @@ def test_demo_quick_runs_every_step(tmp_path):
     for path in ("stage1/mm_projector.safetensors", "stage2/adapter_model.safetensors", "hf/config.json"):
         assert (out / path).is_file(), path
     assert len((out / "answers.jsonl").read_text().splitlines()) == 12
+    for stage in ("stage1", "stage2"):  # --seed reaches both training runs
+        assert OmegaConf.load(out / stage / "config.yaml").training.seed == 3, stage
 
 
 def test_summary_of_an_eval_set_without_composite_questions(capsys, tmp_path):
