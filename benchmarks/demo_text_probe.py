@@ -148,7 +148,7 @@ def main() -> None:
     while not done(elapsed := time.perf_counter() - start):
         records = demo.llm_text_records(args.batch, rng, args.rounds, args.text_first)
         ids, labels, mask = batchify([encode(r, tokenizer, args.format, demo.SHORT_ANSWER) for r in records])
-        for group in optimizer.param_groups:  # 20 warm-up steps, cosine over the wall-time budget
+        for group in optimizer.param_groups:  # 20 warm-up steps, cosine over the budget (seconds or steps)
             group["lr"] = args.lr * min(1.0, steps / 20) * 0.5 * (1 + math.cos(math.pi * progress(elapsed)))
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         target = labels[:, 1:]

@@ -53,7 +53,7 @@ BASE_MODEL = {"preset": "tiny", **DEMO_MODEL, "extra": {"initializer_range": 0.1
 TOWER = {"epochs": 80, "lr": 3e-3, "batch_size": 128, "token_loss": 1.0}
 
 # Demo schedule (2 CPU cores): see README "Demo" for the figures this reaches. Stage 2 makes 2 passes over
-# 18,000 one-question conversations (data/build_demo.py defaults; README runs M-O).
+# 18,000 one-question conversations, sums asked 3x as often (data/build_demo.py defaults; README runs M-P).
 STAGE1 = [
     "training.global_batch_size=32",
     "training.per_device_batch_size=32",
