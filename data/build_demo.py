@@ -6,7 +6,8 @@
 Writes PNG images and LLaVA-format JSON (layout and licences in data/README.md): stage-1 caption pairs
 (plain template), stage-2 instruction conversations (one question each by default) on single digits,
 digit strips and 2x2 grids (several aspect ratios, so anyres crops and unpadding matter), some
-text-only records, and a held-out split (images built only from digits never used in training) with question and answer files.
+text-only records, and a held-out split (images built only from digits never used in training) with
+question and answer files.
 """
 
 from __future__ import annotations

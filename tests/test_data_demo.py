@@ -13,13 +13,17 @@ from llava_train.data.tokenizers import load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def _build_demo_module():
     spec = importlib.util.spec_from_file_location("build_demo", ROOT / "data" / "build_demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    meta = module.build(out, n_stage1=40, n_stage2=60, n_eval=20, seed=0)
+    meta = _build_demo_module().build(out, n_stage1=40, n_stage2=60, n_eval=20, seed=0)
     return out, meta
 
 
@@ -89,10 +93,7 @@ def test_stage2_asks_one_question_after_the_image_as_the_eval_does(demo):
 
 def test_stage2_several_rounds_on_request(tmp_path):
     """rounds=0 keeps the earlier data: every question of a composite image, the image on either side."""
-    spec = importlib.util.spec_from_file_location("build_demo", ROOT / "data" / "build_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.build(tmp_path, n_stage1=4, n_stage2=60, n_eval=4, seed=0, rounds=0, image_first=0.5)
+    _build_demo_module().build(tmp_path, n_stage1=4, n_stage2=60, n_eval=4, seed=0, rounds=0, image_first=0.5)
     records = [r for r in json.loads((tmp_path / "stage2.json").read_text()) if "image" in r]
     for r in records:
         rounds = len(r["conversations"]) // 2
@@ -109,10 +110,7 @@ def test_stage2_several_rounds_on_request(tmp_path):
 @pytest.mark.parametrize(("sum_weight", "more_sums"), [(3, True), (1, False)])
 def test_sum_questions_weighted_in_one_question_data(tmp_path, sum_weight, more_sums):
     """sum_weight=3: a composite image is asked its sum 3x as often as each other question (read: strips)."""
-    spec = importlib.util.spec_from_file_location("build_demo", ROOT / "data" / "build_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.build(tmp_path, n_stage1=4, n_stage2=400, n_eval=4, seed=0, sum_weight=sum_weight)
+    _build_demo_module().build(tmp_path, n_stage1=4, n_stage2=400, n_eval=4, seed=0, sum_weight=sum_weight)
     asked = [r["conversations"][0]["value"] for r in json.loads((tmp_path / "stage2.json").read_text())]
     sums = sum("sum of the digits" in q for q in asked)
     reads = sum("Read the digits" in q for q in asked)
