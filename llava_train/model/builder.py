@@ -206,10 +206,7 @@ def build_llava_config(cfg: ModelConfig, vocab_size: int | None = None) -> Llava
     mm = _resolved_mm(cfg, preset)
     vision_config = _vision_config(cfg, preset)
     return LlavaConfig(
-        **{
-            **llm,
-            **cfg.extra,
-        },  # extra may also override a preset's LlamaConfig key (tie_word_embeddings, ...)
+        **(llm | cfg.extra),  # extra may also override a preset's LlamaConfig key (tie_word_embeddings, ...)
         mm_vision_tower=cfg.vision_tower or preset["vision_name"],
         mm_vision_config=vision_config,
         mm_hidden_size=_mm_hidden_size(cfg, vision_config),
