@@ -8,7 +8,6 @@ parameter, gathered under ZeRO-3, so the test can check that the ranks trained o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -19,18 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from test_train_utils import compose_config, logged_losses, run_steps  # noqa: E402
 
-
-def _gathered(params: list):
-    if any(getattr(p, "ds_id", None) is not None for p in params):  # ZeRO-3: partitioned, shape [0]
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params)
-    return contextlib.nullcontext()
+from llava_train.model.zero3 import gathered, is_sharded  # noqa: E402
 
 
 def checksum(model) -> float:
     params = list(model.parameters())
-    with _gathered(params), torch.no_grad():
+    with gathered(params, modifier_rank=None), torch.no_grad():
         return float(sum(p.double().sum() for p in params))
 
 
@@ -45,10 +38,10 @@ def main() -> None:
             if ".layers." in n and "vision" not in n and "lora_" not in n
         ]
         assert decoder, "no decoder parameter matched"
-        built["llm_sharded_at_build"] = all(getattr(p, "ds_id", None) is not None for p in decoder)
+        built["llm_sharded_at_build"] = all(is_sharded(p) for p in decoder)
         built["llm_local_numel"] = sum(p.numel() for p in decoder)
         projector = [p for n, p in model.named_parameters() if "mm_projector" in n]
-        with _gathered(projector), torch.no_grad():  # its values as loaded, whole
+        with gathered(projector, modifier_rank=None), torch.no_grad():  # its values as loaded, whole
             built["projector_sum"] = float(sum(p.double().sum() for p in projector))
 
     trainer, model, _ = run_steps(raw, before_train=record)

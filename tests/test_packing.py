@@ -24,7 +24,7 @@ from llava_train.data.packing import (
 from llava_train.data.sampler import build_sampler
 from llava_train.model import ModelConfig, build_model
 from llava_train.model.anyres import get_anyres_image_grid_shape, num_image_tokens
-from llava_train.model.llava_arch import packed_attention_mask, packed_position_ids
+from llava_train.model.merge import packed_attention_mask, packed_position_ids
 
 VOCAB = 500
 

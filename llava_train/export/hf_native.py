@@ -37,7 +37,7 @@ from llava_train.constants import DEFAULT_IMAGE_TOKEN
 from llava_train.data.image import CLIP_MEAN, CLIP_STD
 from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava_train.model.anyres import parse_grid_pinpoints
-from llava_train.model.llava_arch import state_mismatch
+from llava_train.model.projector import state_mismatch
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llava_train.model import LlavaLlamaForCausalLM
-from llava_train.model.llava_arch import load_projector_weights, projector_state_from
+from llava_train.model.projector import load_projector_weights, projector_state_from
 
 ORIGINAL_MODEL_TYPES = ("llava", "llava_llama")
 

@@ -11,17 +11,14 @@ from llava_train.model.anyres import (
     unpad_image,
 )
 from llava_train.model.builder import ModelConfig, build_llava_config, build_model
-from llava_train.model.llava_arch import (
-    LlavaMetaForCausalLM,
-    LlavaMetaModel,
-    merge_text_and_images,
-)
+from llava_train.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava_train.model.llava_llama import (
     LlavaConfig,
     LlavaLlamaForCausalLM,
     LlavaLlamaModel,
     register_llava,
 )
+from llava_train.model.merge import merge_text_and_images
 from llava_train.model.projector import build_vision_projector
 from llava_train.model.vision_tower import CLIPVisionTower, CLIPVisionTowerS2, build_vision_tower
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from llava_train.model.llava_arch import full_numel
+from llava_train.model.zero3 import full_numel
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from llava_train.config import LoraConfig, StageConfig, StageName
-from llava_train.model.llava_arch import full_numel, is_sharded, load_projector
+from llava_train.model.projector import load_projector
+from llava_train.model.zero3 import full_numel, is_sharded
 
 logger = logging.getLogger(__name__)
 
