@@ -77,11 +77,13 @@ def child(path: str) -> None:
     tokenizer, processor = load_tokenizer("mistral"), build_image_processor(336)
     base = _rss_mb()
     start = time.perf_counter()
-    cfg = DataConfig(data_path=path, image_folder=str(Path(path).parent / "img"), model_max_length=4096)
-    ds = build_dataset(cfg, tokenizer, processor, VisionSpec())
+    cfg = DataConfig(data_path=path, image_folder=str(Path(path).parent / "img"))
+    ds = build_dataset(cfg, tokenizer, processor, VisionSpec(model_max_length=4096))
     opened = time.perf_counter() - start
     start = time.perf_counter()
-    ds = build_dataset(cfg, tokenizer, processor, VisionSpec())  # JSON: now from its JSONL cache
+    ds = build_dataset(
+        cfg, tokenizer, processor, VisionSpec(model_max_length=4096)
+    )  # now from its JSONL cache
     reopened = time.perf_counter() - start
     rss_open = _rss_mb() - base
     start = time.perf_counter()

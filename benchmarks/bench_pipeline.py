@@ -86,12 +86,15 @@ def main(n: int = 64, batch: int = 8) -> dict:
             cfg = DataConfig(
                 data_path=str(path),
                 image_folder=str(Path(tmp) / "img"),
+                template="vicuna_v1",
+            )
+            vision = VisionSpec(
+                mm_patch_merge_type=merge,
                 image_aspect_ratio=aspect,
                 image_grid_pinpoints=PINPOINTS if aspect == "anyres" else None,
-                template="vicuna_v1",
                 model_max_length=8192,
             )
-            dataset = build_dataset(cfg, tokenizer, processor, VisionSpec(mm_patch_merge_type=merge))
+            dataset = build_dataset(cfg, tokenizer, processor, vision)
             for workers in (0, 2):
                 r = rate(dataset, tokenizer, batch, workers)
                 row = dict(aspect=aspect, workers=workers, samples_s=round(r, 1))

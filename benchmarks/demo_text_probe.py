@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from common import ROOT, write
 
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
+from llava_train.data.conversation import get_template
+
+SYSTEM = get_template("vicuna_v1").system  # the demo's stage-2 template
 
 
 def _build_demo():

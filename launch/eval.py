@@ -13,14 +13,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llava_train.config import CONF_DIR
+from llava_train.config import CONF_DIR, tool_argv
 from llava_train.eval.run import EvalRunConfig, register_eval_config, run_eval_config
 
 log = logging.getLogger("launch.eval")
-
-# No Hydra output folder and no log file: the answers / metrics paths are the outputs.
-_HYDRA_DEFAULTS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
-
 
 # The schema is registered in Hydra's ConfigStore as "llava_eval"; a conf/llava_eval.yaml would be found first.
 @hydra.main(config_path=str(CONF_DIR), config_name="llava_eval", version_base="1.3")
@@ -34,5 +30,5 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_eval_config()
-    sys.argv = sys.argv[:1] + _HYDRA_DEFAULTS + sys.argv[1:]
+    sys.argv = tool_argv(sys.argv)  # no Hydra run folder or log file: the given paths are the outputs
     main()

@@ -14,13 +14,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llava_train.config import tool_argv
 from llava_train.export.run import ExportConfig, register_export_config, run_export
 
 log = logging.getLogger("launch.export")
-
-# No Hydra output folder and no log file: out_dir is the output.
-_HYDRA_DEFAULTS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
-
 
 @hydra.main(config_path=None, config_name="llava_export", version_base="1.3")
 def main(raw: DictConfig) -> None:
@@ -32,5 +29,5 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_export_config()
-    sys.argv = sys.argv[:1] + _HYDRA_DEFAULTS + sys.argv[1:]
+    sys.argv = tool_argv(sys.argv)  # no Hydra run folder or log file: the given paths are the outputs
     main()

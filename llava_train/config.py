@@ -37,6 +37,21 @@ class StageName(str, Enum):
     finetune_lora = "finetune_lora"  # stage 2 with LoRA on the LLM's linear layers
 
 
+class LlmTuning(str, Enum):
+    """How a stage trains the LLM; what it saves follows from it (train/checkpoint.py)."""
+
+    frozen = "frozen"  # only the projector (and optionally the tower): mm_projector.safetensors
+    full = "full"  # every LLM weight: a full model
+    lora = "lora"  # LoRA adapters on the LLM: adapter + non_lora_trainables.safetensors
+
+
+_LLM_TUNING = {
+    StageName.pretrain: LlmTuning.frozen,
+    StageName.finetune: LlmTuning.full,
+    StageName.finetune_lora: LlmTuning.lora,
+}
+
+
 class Precision(str, Enum):
     auto = "auto"  # bf16 on a CUDA GPU that supports it, else fp32 (bf16 autocast on CPU is ~23x slower)
     bf16 = "bf16"
@@ -76,7 +91,7 @@ class StageConfig:
 
     name: StageName = MISSING
     tune_projector: bool = True
-    # The random tiny demo tower must train; LLaVA's CLIP tower stays frozen (LLaVA-1.6 tunes it, lr 2e-6).
+    # LLaVA keeps CLIP frozen (LLaVA-1.6 tunes it at lr 2e-6); a random tower that must learn sets it true.
     tune_vision_tower: bool = False
     # Stage-1 projector weights for stage 2: an explicit file (mm_projector.safetensors / .bin), never guessed.
     # Mandatory in every stage YAML (null = start from the random init on purpose).
@@ -84,8 +99,9 @@ class StageConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
-    def tune_llm(self) -> str:
-        return {"pretrain": "frozen", "finetune": "full", "finetune_lora": "lora"}[StageName(self.name).value]
+    def tune_llm(self) -> LlmTuning:
+        """frozen / full / lora: the one place a stage's name decides what trains and what is saved."""
+        return _LLM_TUNING[StageName(self.name)]
 
 
 @dataclass
@@ -202,6 +218,12 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("llava_pretrained", lambda name: _resolve_pretrained(name))
 
 
+def tool_argv(argv: list[str]) -> list[str]:
+    """``argv`` of a tool entry point (eval, export, ...) whose outputs are the paths it is given: Hydra gets
+    no run folder, no .hydra output and no log file."""
+    return argv[:1] + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"] + argv[1:]
+
+
 def normalize_argv(argv: list[str]) -> list[str]:
     """Make launcher and Hydra agree on the command line.
 
@@ -295,18 +317,14 @@ def check_consistency(cfg: Config) -> None:
         )
     if cfg.deepspeed.config_file and cfg.fsdp.enabled:
         raise ValueError("Choose DeepSpeed or FSDP, not both: set deepspeed=none or fsdp=none.")
-    if cfg.stage.name == StageName.finetune_lora and not cfg.stage.lora.target_modules:
+    if cfg.stage.tune_llm is LlmTuning.lora and not cfg.stage.lora.target_modules:
         raise ValueError("stage.lora.target_modules is empty: LoRA would train nothing.")
-    if cfg.model.pretrain_mm_mlp_adapter:
-        raise ValueError(
-            "model.pretrain_mm_mlp_adapter is set: use stage.pretrain_mm_mlp_adapter instead (the stage loads it)."
-        )
     if cfg.eval.enabled:
         raise NotImplementedError(
             "eval during training is not wired into the trainer yet: use eval=none and run launch/eval.py on "
             "the saved model."
         )
-    if cfg.stage.lora.qlora and cfg.stage.name != StageName.finetune_lora:
+    if cfg.stage.lora.qlora and cfg.stage.tune_llm is not LlmTuning.lora:
         raise ValueError("stage.lora.qlora=true only applies to stage=finetune_lora.")
 
 

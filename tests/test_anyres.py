@@ -105,16 +105,16 @@ def _anyres_crops(model, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
 
 
 def _data_side_counts(model, sizes: list[tuple[int, int]]) -> list[int]:
-    """Image tokens per size as the dataset counts them (VisionSpec read from the model's config)."""
+    """Image tokens per size as the dataset counts them (VisionSpec read from the built model)."""
     from llava_train.data.config import VisionSpec
 
-    spec = VisionSpec.from_model_config(model.config)
+    spec = VisionSpec.from_model(model)
     return [
         num_image_tokens(
             size,
-            image_aspect_ratio=model.config.image_aspect_ratio,
+            image_aspect_ratio=spec.image_aspect_ratio,
             mm_patch_merge_type=spec.mm_patch_merge_type,
-            image_grid_pinpoints=model.config.image_grid_pinpoints,
+            image_grid_pinpoints=spec.image_grid_pinpoints,
             crop_size=spec.crop_size,
             patches_per_side=spec.patches_per_side,
             cls_token=spec.cls_token,
@@ -134,7 +134,7 @@ def test_cls_patch_features_count_the_cls_token(aspect):
         mm_patch_merge_type="flat", image_aspect_ratio=aspect,
     )  # fmt: skip
     model = build_model(cfg).eval()
-    spec = VisionSpec.from_model_config(model.config)
+    spec = VisionSpec.from_model(model)
     assert spec.cls_token
     sizes = _sizes(2, 6)
     side = spec.crop_size

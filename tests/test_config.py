@@ -66,7 +66,7 @@ def test_stage_presets_carry_llava15_hyperparameters():
     assert pre.stage.name == StageName.pretrain and pre.data.template == "plain"
     t = pre.training
     assert (t.learning_rate, t.global_batch_size, t.num_train_epochs, t.warmup_ratio) == (1e-3, 256, 1, 0.03)
-    assert (t.lr_scheduler_type, t.weight_decay, pre.data.model_max_length) == ("cosine", 0.0, 2048)
+    assert (t.lr_scheduler_type, t.weight_decay) == ("cosine", 0.0)
     ft = to_typed(
         compose_config(["stage=finetune", "stage.pretrain_mm_mlp_adapter=/p/mm_projector.safetensors"])
     )
@@ -227,3 +227,26 @@ def test_fsdp_config_equals_transformers_reading_of_the_legacy_string(tmp_path, 
     assert ours.fsdp is True and ours.fsdp_config == legacy.fsdp_config
     with pytest.raises(ValueError, match="hybrid sharding"):
         fsdp_config(FsdpConfig(enabled=True, sharding="hybrid_shard"))
+
+
+@pytest.mark.parametrize("choice", _choices("model"))
+def test_every_model_yaml_builds_on_the_meta_device(choice, no_conversion):
+    """Each model YAML composes into a config that builds the whole model (no weights: meta device), and the
+    data side reads its geometry from that model; pretrained paths are left out (built from the preset)."""
+    from llava_train.data.config import VisionSpec
+    from llava_train.model.builder import PRESETS, build_model
+
+    raw = compose_config(_fill_missing(["stage=finetune", f"model={choice}"]))
+    cfg = to_typed(raw)
+    cfg.model.llm_path, cfg.model.vision_tower = None, None
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    llm, mm = PRESETS[cfg.model.preset]["llm"], PRESETS[cfg.model.preset]["mm"]
+    assert model.config.hidden_size == (cfg.model.hidden_size or llm["hidden_size"])
+    assert len(model.get_model().layers) == (cfg.model.num_hidden_layers or llm["num_hidden_layers"])
+    spec = VisionSpec.from_model(model)
+    tower = model.get_vision_tower()
+    assert (spec.crop_size, spec.patches_per_side) == (tower.config.image_size, tower.num_patches_per_side)
+    assert spec.image_aspect_ratio == (cfg.model.image_aspect_ratio or mm["image_aspect_ratio"])
+    assert spec.model_max_length == (cfg.model.model_max_length or mm["model_max_length"])
+    assert all(p.is_meta for p in model.parameters())

@@ -1,6 +1,7 @@
 """Datasets: JSON / JSONL / YAML mixtures / HF backends, bad-record policies (one test per kind), lengths
 (estimates, and exact_lengths for packing)."""
 
+import dataclasses
 import json
 import os
 
@@ -62,14 +63,19 @@ def _write(root, records, name="d.json"):
     return str(path)
 
 
+_GEOMETRY = ("model_max_length", "image_aspect_ratio", "image_grid_pinpoints")
+
+
 def _dataset(root, tokenizer, processor, records, name="d.json", **overrides):
+    """Geometry overrides go to the model's VisionSpec, the rest to the DataConfig."""
+    geometry = {k: overrides.pop(k) for k in _GEOMETRY if k in overrides}
     cfg = DataConfig(
         data_path=_write(root, records, name),
         image_folder=str(root / "img"),
         cache_dir=str(root / "cache"),
         **overrides,
     )
-    return build_dataset(cfg, tokenizer, processor, VISION)
+    return build_dataset(cfg, tokenizer, processor, dataclasses.replace(VISION, **geometry))
 
 
 @pytest.mark.parametrize("name", ["d.json", "d.jsonl"])
@@ -245,15 +251,37 @@ def test_json_index_cache_and_in_memory_fallback(root):
     assert isinstance(packed, PackedSource) and [packed.record(i) for i in range(4)] == GOOD
 
 
-def test_vision_spec_from_model_config():
-    from types import SimpleNamespace
+def test_vision_spec_comes_from_the_built_tower_not_its_name():
+    from llava_train.model import ModelConfig, build_model
 
-    tiny = SimpleNamespace(
-        mm_vision_config={"image_size": 56, "patch_size": 14}, mm_patch_merge_type="spatial_unpad"
+    tiny = build_model(ModelConfig(preset="tiny", hidden_size=64, intermediate_size=128))
+    assert VisionSpec.from_model(tiny) == VisionSpec(
+        56, 4, "spatial_unpad", False, False, "anyres", tiny.config.image_grid_pinpoints, 2048
     )
-    assert VisionSpec.from_model_config(tiny) == VisionSpec(56, 4, "spatial_unpad", False)
-    big = SimpleNamespace(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_use_im_start_end=True)
-    assert VisionSpec.from_model_config(big) == VisionSpec(336, 24, "flat", True)
+    # a name with another patch size in it: the tower's own config (patch 28, 112 px) decides
+    renamed = ModelConfig(
+        preset="tiny",
+        hidden_size=64,
+        intermediate_size=128,
+        mm_patch_merge_type="flat",
+        model_max_length=512,
+        mm_vision_select_feature="cls_patch",
+        vision_config={"patch_size": 28, "image_size": 112},
+        image_grid_pinpoints=[[112, 112], [224, 112]],
+    )
+    model = build_model(renamed)
+    model.config.mm_vision_tower = "clip-vit-patch14-336"
+    spec = VisionSpec.from_model(model)
+    assert (spec.crop_size, spec.patches_per_side, spec.cls_token, spec.model_max_length) == (
+        112,
+        4,
+        True,
+        512,
+    )
+    assert spec.image_grid_pinpoints == ((112, 112), (224, 112))
+    assert spec.with_aspect_ratio("pad").image_aspect_ratio == "pad"
+    with pytest.raises(ValueError, match="leave data.image_aspect_ratio unset"):
+        dataclasses.replace(spec, image_aspect_ratio="pad").with_aspect_ratio("anyres")
 
 
 # ---- exact_lengths: sample["length"] of every sample from tokens and image headers (packing) ----

@@ -60,13 +60,10 @@ def test_every_record_loads(demo, name, template, aspect, pinpoints):
         data_path=str(out / name),
         image_folder=str(out / "images"),
         template=template,
-        image_aspect_ratio=aspect,
-        image_grid_pinpoints=pinpoints,
-        model_max_length=512,
     )
-    ds = build_dataset(
-        cfg, load_tokenizer("mistral"), build_image_processor(56), VisionSpec(56, 4, "spatial_unpad")
-    )
+    vision = VisionSpec(56, 4, "spatial_unpad", image_aspect_ratio=aspect, image_grid_pinpoints=pinpoints,
+                        model_max_length=512)  # fmt: skip
+    ds = build_dataset(cfg, load_tokenizer("mistral"), build_image_processor(56), vision)
     samples = [ds[i] for i in range(len(ds))]
     assert ds.bad_record_stats() == {}
     batch = DataCollator(0)(samples[:8])

@@ -66,8 +66,15 @@ def test_two_process_deepspeed(data_json, tmp_path, zero, stage):
     assert first[0]["checksum"] == pytest.approx(first[1]["checksum"], rel=1e-6), (
         "ranks hold different models"
     )
+    # Each rank reads its own share of every global batch: same number of micro-batches, no sample in common.
+    mine, theirs = first[0]["batches"], first[1]["batches"]
+    assert len(mine) == len(theirs) >= 8 and all(len(b) == 2 for b in mine + theirs)  # 4 steps x accumulation 2
+    for step in range(4):
+        a = {i for b in mine[2 * step : 2 * step + 2] for i in b}
+        b = {i for b in theirs[2 * step : 2 * step + 2] for i in b}
+        assert not a & b, (step, a, b)
     losses = first[0]["losses"]
-    assert min(losses[s] for s in ("2", "3", "4")) < losses["1"] - 0.3, losses  # batches differ by modality
+    assert min(losses[s] for s in ("2", "3", "4")) < losses["1"] - 0.3, losses  # it learns
     # ZeRO-3 builds the LLM sharded (zero.Init): no rank ever holds the whole decoder.
     assert first[0]["llm_sharded_at_build"] == (zero == "zero3")
     if zero == "zero3":

@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 tests/test_distributed_driver.py <hydra overrides...>
 
-Runs the launcher's steps and writes <run_dir>/rank<R>.json: the logged losses and a checksum of every
-parameter, gathered under ZeRO-3, so the test can check that the ranks trained one model.
+Runs the launcher's steps and writes <run_dir>/rank<R>.json: the logged losses, the sample ids of every
+micro-batch, and a checksum of every parameter, gathered under ZeRO-3, so the test can check that the ranks
+trained one model on different data.
 """
 
 from __future__ import annotations
@@ -27,9 +28,25 @@ def checksum(model) -> float:
         return float(sum(p.double().sum() for p in params))
 
 
+def record_batches(seen: list) -> None:
+    """Append every micro-batch's sample ids to ``seen`` (the loader collates in this process: workers 0)."""
+    from llava_train.data.collator import DataCollator
+
+    collate = DataCollator.__call__
+
+    def recording(self, samples):
+        batch = collate(self, samples)
+        seen.append(batch["sample_ids"])
+        return batch
+
+    DataCollator.__call__ = recording
+
+
 def main() -> None:
     raw = compose_config(sys.argv[1:])
     built = {}
+    batches: list[list[str]] = []
+    record_batches(batches)
 
     def record(model) -> None:  # before DeepSpeed's engine exists: sharded only if zero.Init built it
         decoder = [
@@ -51,6 +68,7 @@ def main() -> None:
         "world_size": trainer.args.world_size,
         "losses": logged_losses(trainer),
         "checksum": checksum(trainer.model),
+        "batches": batches,
         **built,
     }
     Path(raw.training.run_dir, f"rank{rank}.json").write_text(json.dumps(out))

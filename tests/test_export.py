@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_train.config import LoraConfig, StageConfig
+from llava_train.config import LlmTuning, LoraConfig, StageConfig
 from llava_train.constants import IMAGE_TOKEN_INDEX
 from llava_train.export import load_original, load_projector, merge_lora, merge_pretrain
 from llava_train.model import ModelConfig, build_model
@@ -50,7 +50,7 @@ def _lora_run(base_dir, adapter_dir):
             p.add_(0.05 * torch.randn_like(p))
     state = peft_model.state_dict()
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    save_stage_weights(str(adapter_dir), "finetune_lora", state, trainable)
+    save_stage_weights(str(adapter_dir), LlmTuning.lora, state, trainable)
     lora_state = {k: v for k, v in state.items() if ".lora_" in k}
     peft_model.save_pretrained(str(adapter_dir), state_dict=lora_state, safe_serialization=True)
     return peft_model.eval()
@@ -158,7 +158,7 @@ def test_merge_pretrain_folds_stage1_projector_and_tower(tmp_path):
         if p.requires_grad:
             p.add_(0.05 * torch.randn_like(p))
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
-    written = save_stage_weights(str(tmp_path / "s1"), "pretrain", trained.state_dict(), trainable)
+    written = save_stage_weights(str(tmp_path / "s1"), LlmTuning.frozen, trained.state_dict(), trainable)
     assert written == ["mm_projector.safetensors", "vision_tower.safetensors"]
     merged = merge_pretrain(tmp_path / "base", tmp_path / "s1")
     assert torch.equal(_logits(merged), _logits(trained.eval()))
@@ -175,10 +175,10 @@ def test_pretrain_rerun_without_tower_drops_the_stale_tower_file(tmp_path):
         _tiny(), StageConfig(name="pretrain", pretrain_mm_mlp_adapter=None, tune_vision_tower=True)
     )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    save_stage_weights(str(tmp_path / "s1"), "pretrain", model.state_dict(), trainable)
+    save_stage_weights(str(tmp_path / "s1"), LlmTuning.frozen, model.state_dict(), trainable)
     assert (tmp_path / "s1" / "vision_tower.safetensors").is_file()
     projector_only = {n for n in trainable if "vision_tower" not in n}
-    written = save_stage_weights(str(tmp_path / "s1"), "pretrain", model.state_dict(), projector_only)
+    written = save_stage_weights(str(tmp_path / "s1"), LlmTuning.frozen, model.state_dict(), projector_only)
     assert written == ["mm_projector.safetensors"]
     assert not (tmp_path / "s1" / "vision_tower.safetensors").exists()
     merge_pretrain(tmp_path / "base", tmp_path / "s1")  # loads: only the projector is folded

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llava_train.config import Config, LoraConfig, StageConfig, StageName, TrainingConfig
+from llava_train.config import Config, LlmTuning, LoraConfig, StageConfig, StageName, TrainingConfig
 from llava_train.model import ModelConfig, build_model
 from llava_train.train.stages import apply_stage, component_of, lora_target_regex, trainable_summary
 from llava_train.train.trainer import optimizer_groups
@@ -91,7 +91,7 @@ def test_lora_train_embeddings_unfreezes_embed_tokens_and_lm_head_only(model, tm
         "base_model.model.model.image_newline",
     }
     assert _states(model)["lm_head"] == "trainable" and _states(model)["vision_tower"] == "frozen"
-    save_stage_weights(str(tmp_path), "finetune_lora", model.state_dict(), trainable)
+    save_stage_weights(str(tmp_path), LlmTuning.lora, model.state_dict(), trainable)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "non_lora_trainables.safetensors"))

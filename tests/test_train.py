@@ -3,7 +3,6 @@ checkpoints resume to the same losses, gradient accumulation matches one big bat
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -229,26 +228,28 @@ def test_launcher_runs_under_plain_python_with_plus_stage_and_local_rank(data_js
     assert not (tmp_path / "outputs").exists()  # Hydra wrote nothing into the cwd
 
 
-def test_data_pinpoints_that_differ_from_the_models_are_refused(data_json, tmp_path):
-    """The saved model config (eval, export) crops with the model's grid; training on another is refused."""
+def test_the_data_side_takes_its_image_geometry_from_the_model(data_json, tmp_path):
+    """One owner: the model's pinpoints, merge and length reach the dataset; data may only ask for pad."""
+    from llava_train.data.config import VisionSpec
     from llava_train.train import steps
 
-    raw = compose_config(
-        [
-            "+stage=pretrain",
-            *tiny_overrides(data_json, tmp_path),
-            "data.image_grid_pinpoints='[[56,56],[112,56]]'",
-        ]
-    )
-    cfg = to_typed(raw)
+    with pytest.raises(ValueError, match="Unknown config keys.*data.image_grid_pinpoints"):
+        to_typed(compose_config(["+stage=pretrain", *tiny_overrides(data_json, tmp_path),
+                                 "+data.image_grid_pinpoints='[[56,56],[112,56]]'"]))  # fmt: skip
+    cfg = to_typed(compose_config(["+stage=pretrain", *tiny_overrides(data_json, tmp_path),
+                                   "model.model_max_length=300"]))  # fmt: skip
     tokenizer = steps.build_tokenizer(cfg)
     model = steps.build_model(cfg, tokenizer)
-    assert model.config.image_grid_pinpoints  # the tiny preset is anyres
-    with pytest.raises(ValueError, match="differs from the model's"):
+    dataset, _ = steps.build_data(cfg, tokenizer, model)
+    assert dataset.vision == VisionSpec.from_model(model)
+    assert dataset.vision.image_aspect_ratio == "anyres" and dataset.vision.model_max_length == 300
+    assert list(dataset.vision.image_grid_pinpoints) == [tuple(p) for p in model.config.image_grid_pinpoints]
+    cfg.data.image_aspect_ratio = "pad"  # LLaVA-1.6's stage 1: one crop per image on an anyres model
+    assert steps.build_data(cfg, tokenizer, model)[0].vision.image_aspect_ratio == "pad"
+    model.config.image_aspect_ratio = "pad"
+    cfg.data.image_aspect_ratio = "anyres"
+    with pytest.raises(ValueError, match="leave data.image_aspect_ratio unset"):
         steps.build_data(cfg, tokenizer, model)
-    same = to_typed(compose_config(["+stage=pretrain", *tiny_overrides(data_json, tmp_path)]))
-    dataset, _ = steps.build_data(same, tokenizer, model)  # unset: the model's pinpoints are used
-    assert json.loads(dataset.cfg.image_grid_pinpoints) == model.config.image_grid_pinpoints
 
 
 def test_training_seed_orders_the_data_not_data_seed(data_json, tmp_path):

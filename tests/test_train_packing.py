@@ -13,7 +13,7 @@ def test_finetune_with_packing_trains_on_packed_rows(tmp_path):
             "+stage=finetune",
             "stage.pretrain_mm_mlp_adapter=null",
             "data.packing=true",
-            "data.model_max_length=256",
+            "model.model_max_length=256",
             *tiny_overrides(data_json, tmp_path / "run", learning_rate=1e-3, max_steps=8),
             "training.global_batch_size=2",
             "training.per_device_batch_size=2",

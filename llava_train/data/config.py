@@ -2,37 +2,39 @@
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from llava_train.model.anyres import is_anyres, parse_grid_pinpoints
 
 
 @dataclass
 class DataConfig:
-    """Everything the data side needs; defaults are LLaVA-1.5 fine-tuning's.
+    """Everything the data side needs besides the model's image geometry; defaults are LLaVA-1.5's.
+
+    The model owns the geometry (crop and patch size, CLS token, merge type, grid pinpoints, maximum
+    length): the data side reads it from the built model as a :class:`VisionSpec`.
 
     data_path: a LLaVA ``.json`` / ``.jsonl`` file, a ``.yaml`` mixture of such files, or a
         directory written by ``datasets.save_to_disk`` (or holding ``*.parquet`` files).
     image_folder: root that relative image paths resolve against; paths may not escape it.
     template: conversation template name (see conversation.TEMPLATES), e.g. plain for stage 1.
-    image_aspect_ratio: pad | square | anyres | anyres_max_N.
-    image_grid_pinpoints: anyres canvases, a list string "[[w, h], ...]" or range "(1x1),...,(3x3)".
+    image_aspect_ratio: None = the model's; pad or square override it with one crop per image (as
+        LLaVA-1.6's stage 1 runs pad on an anyres model).
     bad_record_policy: strict (raise at the bad record) | skip (count, log, use the next good one).
-    model_max_length: longest sample in tokens, image feature tokens included.
     max_image_pixels: decompression-bomb limit for one image (w * h).
     group_by_modality_length / group_by_length: which sampler the trainer builds.
-    packing: pack samples into rows of model_max_length (data/packing.py); the per-device batch size
-        then counts packed rows.
-    seed: seeds the mixture sampling (random:N). The train sampler's order follows training.seed.
+    packing: pack samples into rows of the model's maximum length (data/packing.py); the per-device
+        batch size then counts packed rows.
+    seed: seeds the mixture sampling (random:N) and the train sampler's order.
     """
 
     data_path: str = ""
     image_folder: str = ""
     template: str = "vicuna_v1"
-    image_aspect_ratio: str = "pad"
-    image_grid_pinpoints: str | None = None
+    image_aspect_ratio: str | None = None
     bad_record_policy: str = "strict"
-    model_max_length: int = 2048
     max_image_pixels: int = 64_000_000
     group_by_modality_length: bool = False
     group_by_length: bool = False
@@ -50,19 +52,22 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.bad_record_policy not in ("strict", "skip"):
             raise ValueError(f"bad_record_policy={self.bad_record_policy!r}; use 'strict' or 'skip'")
-        if self.model_max_length <= 0:
-            raise ValueError(f"model_max_length={self.model_max_length} must be positive")
 
 
 @dataclass(frozen=True)
 class VisionSpec:
-    """What the data side must know of the model to count image feature tokens exactly.
+    """The model's image geometry, as the data side needs it to crop images and count their tokens.
 
+    Built from the model (:meth:`from_model`), never from a tower's name.
     crop_size: the vision tower's input side S (336 for CLIP-L/14-336, 56 for the tiny tower).
     patches_per_side: P = S // patch size.
     mm_patch_merge_type: flat | spatial | spatial_unpad (as in the model config).
     mm_use_im_start_end: wrap each image placeholder in <im_start> ... <im_end>.
     cls_token: the tower's CLS feature is kept (mm_vision_select_feature cls_patch): P*P + 1 per crop.
+    image_aspect_ratio: pad | square | anyres | anyres_max_N.
+    image_grid_pinpoints: anyres canvases, [[w, h], ...] or a range "(1x1),...,(3x3)".
+    model_max_length: the longest sample in tokens, image feature tokens included (the model's
+        truncation length).
     """
 
     crop_size: int = 336
@@ -70,28 +75,48 @@ class VisionSpec:
     mm_patch_merge_type: str = "flat"
     mm_use_im_start_end: bool = False
     cls_token: bool = False
+    image_aspect_ratio: str = "pad"
+    image_grid_pinpoints: Any = None
+    model_max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.model_max_length <= 0:
+            raise ValueError(f"model_max_length={self.model_max_length} must be positive")
+        if is_anyres(self.image_aspect_ratio):
+            if not self.image_grid_pinpoints:
+                raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r} needs image_grid_pinpoints")
+            # (w, h) canvases as a tuple: the spec is frozen (hashable), a range string is expanded once
+            canvases = tuple(parse_grid_pinpoints(self.image_grid_pinpoints, self.crop_size))
+            object.__setattr__(self, "image_grid_pinpoints", canvases)
 
     @classmethod
-    def from_model_config(cls, config: Any) -> VisionSpec:
-        """Read a LlavaConfig-like object (mm_* keys; optional mm_vision_config dict)."""
-        vision = getattr(config, "mm_vision_config", None) or {}
-        if not isinstance(vision, dict):
-            vision = vision.to_dict()
-        name_patch, name_size = _sizes_from_tower_name(getattr(config, "mm_vision_tower", None) or "")
-        crop = int(vision.get("image_size", name_size))
-        patch = int(vision.get("patch_size", name_patch))
+    def from_model(cls, model: Any) -> VisionSpec:
+        """The geometry of a built LLaVA model (a PEFT wrapper is looked through)."""
+        get_base = getattr(model, "get_base_model", None)
+        base = get_base() if get_base else model
+        config, tower = base.config, base.get_vision_tower()
         return cls(
-            crop_size=crop,
-            patches_per_side=crop // patch,
+            crop_size=tower.image_size,
+            patches_per_side=tower.num_patches_per_side,
             mm_patch_merge_type=getattr(config, "mm_patch_merge_type", "flat") or "flat",
             mm_use_im_start_end=bool(getattr(config, "mm_use_im_start_end", False)),
-            cls_token=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch",
+            cls_token=tower.select_feature == "cls_patch",
+            image_aspect_ratio=getattr(config, "image_aspect_ratio", "pad") or "pad",
+            image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None),
+            model_max_length=getattr(config, "tokenizer_model_max_length", None) or 2048,
         )
 
+    def with_aspect_ratio(self, image_aspect_ratio: str | None) -> VisionSpec:
+        """This geometry with the data's ``image_aspect_ratio`` override (None keeps the model's).
 
-def _sizes_from_tower_name(name: str) -> tuple[int, int]:
-    """(patch, image size) from a CLIP tower name like 'openai/clip-vit-large-patch14-336' (default 14, 336)."""
-    match = re.search(r"patch(\d+)(?:-(\d+))?", name)
-    if not match:
-        return 14, 336
-    return int(match.group(1)), int(match.group(2) or 224)
+        One crop per image (pad / square) is always possible; anyres data needs an anyres model.
+        """
+        if image_aspect_ratio is None or image_aspect_ratio == self.image_aspect_ratio:
+            return self
+        if is_anyres(image_aspect_ratio):
+            raise ValueError(
+                f"data.image_aspect_ratio={image_aspect_ratio!r} but the model merges "
+                f"{self.image_aspect_ratio!r} images: leave data.image_aspect_ratio unset (the model's "
+                "is used), or set model.image_aspect_ratio"
+            )
+        return dataclasses.replace(self, image_aspect_ratio=image_aspect_ratio)

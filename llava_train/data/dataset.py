@@ -8,7 +8,7 @@ Nothing is tokenised and no image is opened when the dataset is built; all of it
   for text-only records. Computed on first use by reading every record once, never tokenising.
 - ``sample["length"]`` (per sample, at ``__getitem__``): the *exact* length the model will see, text
   tokens + image feature tokens (anyres.num_image_tokens: crops, unpadding and newline tokens
-  included). It is checked against ``model_max_length``.
+  included). It is checked against the model's ``model_max_length`` (``VisionSpec``).
 
 Bad records follow ``bad_record_policy``: ``strict`` raises BadRecordError naming the record and the
 fix; ``skip`` counts the kind (``bad_record_stats()``), logs it, and returns the next good record, so
@@ -35,7 +35,7 @@ from llava_train.data.errors import BAD_RECORD_KINDS, BadRecordError
 from llava_train.data.image import load_image, mean_colour, process_images, read_image_size
 from llava_train.data.preprocess import TokenizedConversation, check_template_tokens, tokenize_conversation
 from llava_train.data.sources import RecordSource
-from llava_train.model.anyres import is_anyres, num_image_tokens
+from llava_train.model.anyres import num_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ class LazySupervisedDataset(Dataset):
         tokenizer: Any,
         image_processor: Any,
         cfg: DataConfig,
-        vision: VisionSpec | None = None,
+        vision: VisionSpec,
     ):
         self.source, self.tokenizer, self.image_processor, self.cfg = source, tokenizer, image_processor, cfg
-        self.vision = vision or _vision_from_processor(image_processor)
+        self.vision = vision
         self.template: Template = get_template(cfg.template)
         check_template_tokens(self.template, tokenizer, self.vision.mm_use_im_start_end)
         self._counts = torch.zeros(len(_COUNTERS), dtype=torch.long).share_memory_()
@@ -99,9 +99,9 @@ class LazySupervisedDataset(Dataset):
     def _image_tokens(self, size: tuple[int, int]) -> int:
         return num_image_tokens(
             size,
-            image_aspect_ratio=self.cfg.image_aspect_ratio,
+            image_aspect_ratio=self.vision.image_aspect_ratio,
             mm_patch_merge_type=self.vision.mm_patch_merge_type,
-            image_grid_pinpoints=self.cfg.image_grid_pinpoints,
+            image_grid_pinpoints=self.vision.image_grid_pinpoints,
             crop_size=self.vision.crop_size,
             patches_per_side=self.vision.patches_per_side,
             cls_token=self.vision.cls_token,
@@ -184,7 +184,7 @@ class LazySupervisedDataset(Dataset):
         tokens, kept = self._fit_length(self._tokenize(system, turns), [im.size for im in images])
         images = images[:kept]
         pixels, sizes = process_images(
-            images, self.image_processor, self.cfg.image_aspect_ratio, self.cfg.image_grid_pinpoints
+            images, self.image_processor, self.vision.image_aspect_ratio, self.vision.image_grid_pinpoints
         )
         return {
             "input_ids": torch.tensor(tokens.input_ids, dtype=torch.long),  # [s]
@@ -209,7 +209,7 @@ class LazySupervisedDataset(Dataset):
     ) -> tuple[TokenizedConversation, int]:
         """(tokens, images kept): trailing whole rounds (and their images) dropped to fit; too_long if
         even one round does not fit. Truncations are counted when ``count``."""
-        limit = self.cfg.model_max_length
+        limit = self.vision.model_max_length
         if self.exact_length(tokens, sizes) <= limit:
             return tokens, len(sizes)
         for keep in range(len(tokens.round_ends) - 1, 0, -1):
@@ -285,19 +285,9 @@ class _ExactLengthView(Dataset):
         return self.dataset._exact_length_of(index)
 
 
-def _vision_from_processor(image_processor: Any) -> VisionSpec:
-    """Default VisionSpec from the processor's crop size (patch 14, flat merge)."""
-    from llava_train.data.image import processor_crop_size
-
-    crop = processor_crop_size(image_processor)
-    return VisionSpec(crop_size=crop, patches_per_side=crop // 14)
-
-
 def _image_paths(image: Any) -> list[str]:
-    """The record's image field as a list (absent -> [])."""
-    if image is None or image == "" or image == []:
-        return []
-    items = image if isinstance(image, list) else [image]
+    """The record's image field as a list (absent -> []), each item checked to be a path or a payload."""
+    items = _image_items(image)
     if not all(isinstance(p, (str, bytes, dict)) for p in items):
         raise BadRecordError("bad_conversation", f"`image` must be a path or a list of paths, got {image!r}")
     return items
@@ -337,25 +327,27 @@ def _word_and_image_counts(record: Any) -> tuple[int, int]:
         for t in turns
         if isinstance(t, dict) and isinstance(t.get("value"), str)
     )
-    return words, len(_image_paths_loose(record.get("image")))
+    return words, len(_image_items(record.get("image")))
 
 
-def _image_paths_loose(image: Any) -> list[Any]:
+def _image_items(image: Any) -> list[Any]:
+    """The record's image field as a list (absent -> []), unchecked (length estimates read it this way)."""
     if image is None or image == "":
         return []
     return image if isinstance(image, list) else [image]
 
 
 def build_dataset(
-    cfg: DataConfig, tokenizer: Any, image_processor: Any, vision: VisionSpec | Any | None = None
+    cfg: DataConfig, tokenizer: Any, image_processor: Any, vision: VisionSpec | Any
 ) -> LazySupervisedDataset:
     """The dataset for ``cfg.data_path`` (.json, .jsonl, .yaml mixture, or HF dataset dir).
 
-    ``vision``: a VisionSpec, or the model's LlavaConfig (read by VisionSpec.from_model_config), or None
-    (crop size from the processor, patch 14, flat merge).
+    ``vision``: the model's image geometry, a VisionSpec or the built model itself
+    (:meth:`VisionSpec.from_model`); ``cfg.image_aspect_ratio`` may override its aspect ratio.
     """
-    if vision is not None and not isinstance(vision, VisionSpec):
-        vision = VisionSpec.from_model_config(vision)
+    if not isinstance(vision, VisionSpec):
+        vision = VisionSpec.from_model(vision)
+    vision = vision.with_aspect_ratio(cfg.image_aspect_ratio)
     from llava_train.data.hf_dataset import hf_source
     from llava_train.data.mixture import mixture_source
     from llava_train.data.sources import file_source
@@ -369,6 +361,4 @@ def build_dataset(
         source = mixture_source(str(path), cfg.image_folder, cfg.seed, cfg.cache_dir)
     else:
         source = file_source(path, cfg.image_folder, cfg.cache_dir)
-    if is_anyres(cfg.image_aspect_ratio) and not cfg.image_grid_pinpoints:
-        raise ValueError(f"image_aspect_ratio={cfg.image_aspect_ratio!r} needs data.image_grid_pinpoints")
     return LazySupervisedDataset(source, tokenizer, image_processor, cfg, vision)

@@ -21,7 +21,7 @@ _FIXES = {
     "image_count_mismatch": "make the number of `<image>` tags equal the number of images in `image`",
     "bad_conversation": "`conversations` must be a non-empty list of {from, value} turns with text",
     "roles_out_of_order": "turns must alternate human/gpt, starting with human (an optional system first)",
-    "too_long": "raise `model_max_length`, shorten the record, or use bad_record_policy=skip",
+    "too_long": "raise `model.model_max_length`, shorten the record, or use bad_record_policy=skip",
     "path_escapes_root": "use a relative path inside `image_folder` (no absolute paths, `..` or symlinks out)",
 }
 

@@ -2,7 +2,7 @@
 
 Shapes: S = the vision tower's input side (crop size); an anyres image becomes [1 + crops, 3, S, S]
 (the resized whole image first, then the crops row by row); image sizes are PIL (width, height).
-Normalisation goes through transformers' CLIP image processor built from sizes (no hub access).
+Normalisation goes through the tower's image processor (transformers', built from sizes: no hub access).
 """
 
 from __future__ import annotations
@@ -19,24 +19,12 @@ from PIL import Image
 
 from llava_train.data.errors import BadRecordError
 from llava_train.model.anyres import is_anyres, parse_grid_pinpoints, select_best_resolution
+from llava_train.model.vision_tower import clip_image_processor
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the processor of a CLIP tower of side S; a built tower gives its own (``tower.image_processor()``)
+build_image_processor = clip_image_processor
+
 Colour = tuple[int, int, int]
-
-
-def build_image_processor(image_size: int) -> Any:
-    """A CLIP image processor for an S x S tower (resize shortest edge to S, centre crop, CLIP mean/std)."""
-    try:  # the PIL backend: no torchvision needed
-        from transformers import CLIPImageProcessorPil as cls
-    except ImportError:  # older transformers
-        from transformers import CLIPImageProcessor as cls
-    return cls(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
 
 
 def processor_crop_size(image_processor: Any) -> int:

@@ -25,9 +25,9 @@ Packing is computed once from the lengths (deterministic); epochs reshuffle the 
 
 Trainer wiring (``data.packing=true``)::
 
-    dataset = build_packed_dataset(dataset, cfg.data.model_max_length,
+    dataset = build_packed_dataset(dataset, vision.model_max_length,
                                    by_modality=cfg.data.group_by_modality_length)
-    collator = PackingCollator(tokenizer, max_length=cfg.data.model_max_length)
+    collator = PackingCollator(tokenizer, max_length=vision.model_max_length)
     # per_device_train_batch_size now counts packed rows (1-2); build_sampler(dataset, ...) works on the
     # packs; count_supervised_tokens needs no change (each sample's first label is IGNORE_INDEX).
 """
@@ -65,7 +65,7 @@ def pack_lengths(
     if too_long:
         raise ValueError(
             f"{len(too_long)} sample(s) are longer than max_length={max_length} (first: index {too_long[0]}, "
-            f"{lengths[too_long[0]]} tokens): truncate them in the dataset (data.model_max_length) first"
+            f"{lengths[too_long[0]]} tokens): truncate them in the dataset (model.model_max_length) first"
         )
     groups: dict[int, list[int]] = {}
     for i in range(len(lengths)):

@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 # transformers-native checkpoints (launch/export.py output), imported back into our model class.
 NATIVE_MODEL_TYPES = ("llava", "llava_next")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -88,10 +87,10 @@ def load_eval_model(
     model_dir: str | Path, tokenizer: str | None = None, dtype: str = "float32", device: str | None = None
 ) -> tuple[Any, Any, Any]:
     """(model, tokenizer, image processor) of a saved LLaVA checkpoint, in eval mode on ``device``."""
-    from llava_train.data import build_image_processor, load_tokenizer
+    from llava_train.data import load_tokenizer
+    from llava_train.model.builder import parse_dtype
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    torch_dtype = parse_dtype(dtype)  # fail before anything is loaded
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: pass the directory of a saved full model")
     if tokenizer is None and not (Path(model_dir) / "tokenizer_config.json").is_file():
@@ -99,13 +98,13 @@ def load_eval_model(
             f"{model_dir} holds no tokenizer; pass tokenizer=<smollm2 | mistral | tokenizer dir> (the training one)"
         )
     tok = load_tokenizer(tokenizer or str(model_dir))
-    model = _load_weights(Path(model_dir), _DTYPES[dtype])
+    model = _load_weights(Path(model_dir), torch_dtype)
     tower = model.get_vision_tower()
     if tower is None:
         raise ValueError(f"{model_dir} is a plain LLM (no mm_vision_tower in its config), not a LLaVA model")
     tower.load_model()  # pretrained CLIP named in the config (no-op when the checkpoint holds the tower)
-    model.to(device=resolve_device(device), dtype=_DTYPES[dtype]).eval()
-    return model, tok, build_image_processor(tower.image_size)
+    model.to(device=resolve_device(device), dtype=torch_dtype).eval()
+    return model, tok, tower.image_processor()
 
 
 def _load_weights(model_dir: Path, dtype: torch.dtype) -> Any:

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from llava_train.constants import DEFAULT_IMAGE_TOKEN
-from llava_train.data.image import CLIP_MEAN, CLIP_STD
 from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava_train.model.anyres import parse_grid_pinpoints
 from llava_train.model.projector import state_mismatch
+from llava_train.model.vision_tower import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
 

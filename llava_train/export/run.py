@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-import torch
 from omegaconf import MISSING
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportOp(str, Enum):
@@ -52,19 +49,21 @@ def register_export_config(name: str = "llava_export") -> None:
 
 
 def _need(cfg: ExportConfig, *keys: str) -> None:
+    from llava_train.model.builder import parse_dtype
+
     missing = [k for k in keys if getattr(cfg, k) is None]
     if missing:
         raise ValueError(f"op={cfg.op.value} needs {', '.join(k + '=...' for k in missing)}")
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r}; use one of {sorted(_DTYPES)}")
+    parse_dtype(cfg.dtype)  # fail before anything is loaded
 
 
 def run_export(cfg: ExportConfig) -> Path:
     """Run ``cfg.op``; returns the output directory."""
     from llava_train.data import load_tokenizer
     from llava_train.export import export_hf, import_hf, load_original, merge_lora, merge_pretrain
+    from llava_train.model.builder import parse_dtype
 
-    op, out, dtype = ExportOp(cfg.op), Path(cfg.out_dir), _DTYPES[cfg.dtype]
+    op, out, dtype = ExportOp(cfg.op), Path(cfg.out_dir), parse_dtype(cfg.dtype)
     if op in (ExportOp.merge, ExportOp.merge_pretrain):
         _need(cfg, "model_dir", "adapter_dir")
         merge = merge_lora if op == ExportOp.merge else merge_pretrain

@@ -130,6 +130,13 @@ _MM_OVERRIDES = (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's ``dtype`` string (float32 | bfloat16 | float16)."""
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 @dataclass
 class ModelConfig:
     """Model config group. ``None`` means "take the preset's value"."""
@@ -153,7 +160,6 @@ class ModelConfig:
     mm_vision_select_layer: int | None = None
     mm_vision_select_feature: str | None = None
     mm_projector_type: str | None = None
-    pretrain_mm_mlp_adapter: str | None = None  # projector weights (.safetensors / .bin) to load
     mm_patch_merge_type: str | None = None
     image_aspect_ratio: str | None = None
     image_grid_pinpoints: list | None = None
@@ -161,7 +167,6 @@ class ModelConfig:
     padding_side: str = "right"
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
-    tune_mm_mlp_adapter: bool = False
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     extra: dict = field(default_factory=dict)  # any LlamaConfig key, passed through (wins over the preset)
@@ -236,12 +241,10 @@ def vision_args(config: LlavaConfig, cfg: ModelConfig) -> SimpleNamespace:
         mm_vision_select_feature=config.mm_vision_select_feature,
         mm_projector_type=config.mm_projector_type,
         mm_patch_merge_type=config.mm_patch_merge_type,
-        pretrain_mm_mlp_adapter=cfg.pretrain_mm_mlp_adapter,
         use_s2=cfg.use_s2,
         s2_scales=cfg.s2_scales,
         mm_use_im_start_end=cfg.mm_use_im_start_end,
         mm_use_im_patch_token=cfg.mm_use_im_patch_token,
-        tune_mm_mlp_adapter=cfg.tune_mm_mlp_adapter,
     )
 
 
@@ -249,12 +252,12 @@ def _build_llm(cfg: ModelConfig, config: LlavaConfig) -> LlavaLlamaForCausalLM:
     """The decoder alone: loaded from ``llm_path`` or random from ``config`` (mm keys stripped)."""
     if cfg.llm_path is not None:
         return LlavaLlamaForCausalLM.from_pretrained(
-            cfg.llm_path, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+            cfg.llm_path, dtype=parse_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
         )
     text_config = copy.deepcopy(config)
     text_config.mm_vision_tower = None
     # _from_config: under DeepSpeed ZeRO-3 (transformers' flag set) it builds under zero.Init, sharded.
-    return LlavaLlamaForCausalLM._from_config(text_config, dtype=_DTYPES[cfg.dtype])
+    return LlavaLlamaForCausalLM._from_config(text_config, dtype=parse_dtype(cfg.dtype))
 
 
 _MM_CONFIG_KEYS = (
@@ -269,8 +272,7 @@ _MM_CONFIG_KEYS = (
 
 def build_model(cfg: ModelConfig, tokenizer: Any = None) -> LlavaLlamaForCausalLM:
     """LLM, then vision modules, then the image tokens of ``tokenizer`` (vocab resized to fit it)."""
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"dtype {cfg.dtype!r}; use one of {sorted(_DTYPES)}")
+    parse_dtype(cfg.dtype)  # fail before anything is built
     vocab = len(tokenizer) if tokenizer is not None else None
     config = build_llava_config(cfg, vocab_size=vocab)
     model = _build_llm(cfg, config)

@@ -45,6 +45,24 @@ BUILTIN_VISION_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_image_processor(image_size: int) -> Any:
+    """A CLIP image processor for an S x S tower (resize shortest edge to S, centre crop, CLIP mean/std)."""
+    try:  # the PIL backend: no torchvision needed
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as cls
+    return cls(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+
+
 def resolve_vision_config(name_or_path: str, config_dict: dict | None = None) -> CLIPVisionConfig:
     """The CLIPVisionConfig of a tower: from ``config_dict``, the built-in table, or ``name_or_path``."""
     if config_dict is not None:
@@ -133,6 +151,10 @@ class CLIPVisionTower(nn.Module):
     @property
     def num_patches(self) -> int:
         return self.num_patches_per_side**2
+
+    def image_processor(self) -> Any:
+        """The processor that makes this tower's pixels (the data side and evaluation use it)."""
+        return clip_image_processor(self.image_size)
 
 
 def parse_s2_scales(scales: str | list[int]) -> list[int]:

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llava_train.config import LlmTuning
 from llava_train.constants import NON_LORA_FILE, PROJECTOR_FILE, VISION_TOWER_FILE
 from llava_train.train.stages import component_of, original_name
 
@@ -116,15 +117,16 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_stage_weights(out_dir: str, stage: str, state_dict: dict, trainable: set[str]) -> list[str]:
-    """Write the stage's weight files (see module docstring); returns the file names written.
+def save_stage_weights(out_dir: str, tune_llm: LlmTuning, state_dict: dict, trainable: set[str]) -> list[str]:
+    """Write the weight files of a stage that trains the LLM ``tune_llm`` (frozen: the projector and a tuned
+    tower; lora: the non-LoRA trainables; see module docstring); returns the file names written.
 
     `state_dict` may be the full model's (ZeRO-3 gathered) or only the trainable parameters
     (Trainer's ZeRO-3 + peft path); `trainable` holds the names with requires_grad.
     """
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    if stage == "pretrain":
+    if tune_llm is LlmTuning.frozen:
         proj = {
             original_name(k): v
             for k, v in state_dict.items()
@@ -146,19 +148,19 @@ def save_stage_weights(out_dir: str, stage: str, state_dict: dict, trainable: se
             logger.warning(
                 "removed %s: left by an earlier run; this run does not train the tower", tower_path
             )
-    elif stage == "finetune_lora":
+    elif tune_llm is LlmTuning.lora:
         rest = {
             original_name(k): v for k, v in state_dict.items() if k in trainable and component_of(k) != "lora"
         }
         save_file(_tensors(rest), os.path.join(out_dir, NON_LORA_FILE), metadata={"format": "pt"})
         written.append(NON_LORA_FILE)
     else:
-        raise ValueError(f"save_stage_weights handles pretrain / finetune_lora, not {stage!r}")
+        raise ValueError(f"a stage with LLM {tune_llm.value} saves a full model, not stage weights")
     return written
 
 
-def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, stage: str) -> None:
-    """Load a pretrain / finetune_lora checkpoint's weights back into `model` (resume without DeepSpeed).
+def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, tune_llm: LlmTuning) -> None:
+    """Load a frozen-LLM (pretrain) or LoRA checkpoint's weights back into `model` (resume without DeepSpeed).
 
     Every trainable parameter must be covered; a missing one means the checkpoint is not from this stage.
     """
@@ -166,7 +168,7 @@ def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, stage: str) -
     params = dict(model.named_parameters())
     by_original = {original_name(n): p for n, p in params.items()}
     loaded: set[str] = set()
-    files = [PROJECTOR_FILE, VISION_TOWER_FILE] if stage == "pretrain" else [NON_LORA_FILE]
+    files = [PROJECTOR_FILE, VISION_TOWER_FILE] if tune_llm is LlmTuning.frozen else [NON_LORA_FILE]
     for fname in files:
         if not (ckpt / fname).is_file():
             continue
@@ -176,7 +178,7 @@ def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, stage: str) -
             with torch.no_grad():
                 by_original[key].copy_(value)
             loaded.add(key)
-    if stage == "finetune_lora":
+    if tune_llm is LlmTuning.lora:
         from peft import set_peft_model_state_dict
 
         adapter = load_file(str(ckpt / "adapter_model.safetensors"))
@@ -189,5 +191,5 @@ def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, stage: str) -
     if missing:
         raise ValueError(
             f"checkpoint {ckpt} lacks {len(missing)} trainable parameters (e.g. {missing[:3]}): "
-            f"it was not written by a `{stage}` run of this model."
+            f"it was not written by a run of this model whose stage trains the LLM {tune_llm.value}."
         )

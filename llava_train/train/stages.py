@@ -26,7 +26,7 @@ import re
 import torch
 from torch import nn
 
-from llava_train.config import LoraConfig, StageConfig, StageName
+from llava_train.config import LlmTuning, LoraConfig, StageConfig, StageName
 from llava_train.model.projector import load_projector
 from llava_train.model.zero3 import full_numel, is_sharded
 
@@ -72,24 +72,24 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
 
     The returned model is a `peft.PeftModel` for finetune_lora, otherwise `model` itself.
     """
-    name = StageName(stage.name)
+    tune_llm = stage.tune_llm
     model.requires_grad_(False)
     inner = model.get_model()
     if stage.pretrain_mm_mlp_adapter:
         path = stage.pretrain_mm_mlp_adapter
         load_projector(inner.mm_projector, path)
         logger.info("loaded stage-1 projector from %s", path)
-    elif name != StageName.pretrain:
+    elif tune_llm is not LlmTuning.frozen:
         logger.warning(
             "stage %s without stage.pretrain_mm_mlp_adapter: the projector starts from its random init "
             "(set it to the stage-1 run's mm_projector.safetensors).",
-            name.value,
+            StageName(stage.name).value,
         )
 
-    if name == StageName.finetune:
+    if tune_llm is LlmTuning.full:
         model.requires_grad_(True)
         inner.get_vision_tower().requires_grad_(False)
-    elif name == StageName.finetune_lora:
+    elif tune_llm is LlmTuning.lora:
         model = _wrap_lora(model, stage.lora)
         inner = model.get_base_model().get_model()
         if stage.lora.train_embeddings:
@@ -102,7 +102,9 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
     if stage.tune_vision_tower:
         inner.get_vision_tower().requires_grad_(True)
     _match_zero3_dtype(model)
-    logger.info("stage %s:\n%s", name.value, format_trainable_table(model))
+    logger.info(
+        "stage %s (LLM %s):\n%s", StageName(stage.name).value, tune_llm.value, format_trainable_table(model)
+    )
     return model
 
 

@@ -4,7 +4,7 @@
 2 build_tokenizer  llava_train.data.load_tokenizer(cfg.tokenizer)
 3 build_model      llava_train.model.build_model(cfg.model, tokenizer)
 4 apply_stage      llava_train.train.stages.apply_stage(model, cfg.stage)
-5 build_data       dataset + collator, the data config checked against the model's image settings
+5 build_data       dataset + collator, with the model's image geometry (VisionSpec.from_model)
 6 build_trainer    TrainingArguments + LlavaTrainer
 7 train            resume from the latest complete checkpoint when training.resume
 8 save_final       stage weights into run_dir, loss_curve.png
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from llava_train.config import Config, StageName
+from llava_train.config import Config, LlmTuning, StageName
 from llava_train.train import checkpoint as ckpt
 from llava_train.train import faults
 from llava_train.train.trainer import LlavaTrainer, build_training_args, plot_loss_curve
@@ -99,55 +98,28 @@ def is_zero3(cfg: Config) -> bool:
 
 
 def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
-    """(train dataset, collator). Image settings must agree between data and model; pinpoints come from
-    the model when the data config has none."""
+    """(train dataset, collator). The image geometry, the maximum length and the image processor come
+    from the built model (data.image_aspect_ratio may ask for one crop per image on an anyres model)."""
     from llava_train.data.collator import DataCollator
     from llava_train.data.config import VisionSpec
     from llava_train.data.dataset import build_dataset
-    from llava_train.data.image import build_image_processor
-    from llava_train.model.anyres import is_anyres, parse_grid_pinpoints
 
-    config = _base_config(model)
-    data_cfg = cfg.data
-    # pad / square data on an anyres model is fine (one crop per image, as LLaVA-1.6's stage 1 does);
-    # anyres data on a model without anyres merging is not.
-    if is_anyres(data_cfg.image_aspect_ratio) and not is_anyres(config.image_aspect_ratio):
-        raise ValueError(
-            f"data.image_aspect_ratio={data_cfg.image_aspect_ratio!r} but the model merges "
-            f"{config.image_aspect_ratio!r} images: set data.image_aspect_ratio={config.image_aspect_ratio}."
-        )
-    vision = VisionSpec.from_model_config(config)
-    if data_cfg.image_grid_pinpoints is None and config.image_grid_pinpoints:
-        data_cfg = dataclasses.replace(data_cfg, image_grid_pinpoints=json.dumps(config.image_grid_pinpoints))
-    elif is_anyres(data_cfg.image_aspect_ratio) and config.image_grid_pinpoints:
-        # The saved model config (eval, export) crops with the model's grid: training must use the same one.
-        ours, theirs = (
-            parse_grid_pinpoints(p, vision.crop_size)
-            for p in (data_cfg.image_grid_pinpoints, config.image_grid_pinpoints)
-        )
-        if ours != theirs:
-            raise ValueError(
-                f"data.image_grid_pinpoints={data_cfg.image_grid_pinpoints} differs from the model's "
-                f"{config.image_grid_pinpoints}: leave data.image_grid_pinpoints unset (the model's are used) "
-                "or set model.image_grid_pinpoints to the same canvases"
-            )
-    if data_cfg.model_max_length > config.tokenizer_model_max_length:
-        raise ValueError(
-            f"data.model_max_length={data_cfg.model_max_length} exceeds the model's truncation length "
-            f"{config.tokenizer_model_max_length}: samples would be cut inside the model."
-        )
-    processor = build_image_processor(vision.crop_size)
-    dataset = build_dataset(data_cfg, tokenizer, processor, vision)
-    logger.info("train data: %d records from %s", len(dataset), data_cfg.data_path)
-    if data_cfg.packing:
+    base = _base_model(model)
+    vision = VisionSpec.from_model(base).with_aspect_ratio(cfg.data.image_aspect_ratio)
+    processor = base.get_vision_tower().image_processor()
+    dataset = build_dataset(cfg.data, tokenizer, processor, vision)
+    logger.info("train data: %d records from %s", len(dataset), cfg.data.data_path)
+    if cfg.data.packing:
         from llava_train.data.packing import PackingCollator, build_packed_dataset
 
-        by_modality = data_cfg.group_by_modality_length
         dataset = build_packed_dataset(  # exact lengths over the loader's workers (0.8 ms a record on one)
-            dataset, data_cfg.model_max_length, by_modality=by_modality, num_workers=data_cfg.num_workers
+            dataset,
+            vision.model_max_length,
+            by_modality=cfg.data.group_by_modality_length,
+            num_workers=cfg.data.num_workers,
         )
-        return dataset, PackingCollator(tokenizer, max_length=data_cfg.model_max_length)
-    return dataset, DataCollator(tokenizer, padding_side=config.tokenizer_padding_side or "right")
+        return dataset, PackingCollator(tokenizer, max_length=vision.model_max_length)
+    return dataset, DataCollator(tokenizer, padding_side=base.config.tokenizer_padding_side or "right")
 
 
 def build_trainer(cfg: Config, model: Any, tokenizer: Any, dataset: Any, collator: Any) -> LlavaTrainer:
@@ -183,7 +155,7 @@ def train(trainer: LlavaTrainer, cfg: Config) -> Any:
 
 def check_disk_space(trainer: LlavaTrainer, cfg: Config) -> None:
     """Fail before training when run_dir's disk cannot hold one more checkpoint."""
-    full = StageName(cfg.stage.name) == StageName.finetune
+    full = cfg.stage.tune_llm is LlmTuning.full
     needed = faults.checkpoint_bytes(
         trainer.model, full_model=full, deepspeed=bool(cfg.deepspeed.config_file)
     )
@@ -200,11 +172,10 @@ def save_final(trainer: LlavaTrainer, cfg: Config) -> Path:
     if trainer.args.should_save:
         if cfg.training.loss_plot:
             plot_loss_curve(trainer.state.log_history, run_dir / "loss_curve.png")
-        stage = StageName(cfg.stage.name).value
-        logger.info("saved %s weights to %s", stage, run_dir)
+        logger.info("saved %s weights to %s", StageName(cfg.stage.name).value, run_dir)
     return run_dir
 
 
-def _base_config(model: Any) -> Any:
+def _base_model(model: Any) -> Any:
     get_base = getattr(model, "get_base_model", None)
-    return (get_base() if get_base else model).config
+    return get_base() if get_base else model

@@ -35,6 +35,7 @@ from transformers import Trainer, TrainingArguments
 from llava_train.config import (
     Config,
     FsdpConfig,
+    LlmTuning,
     Precision,
     StageName,
     deepspeed_config_path,
@@ -297,8 +298,8 @@ class LlavaTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        stage = StageName(self.llava_cfg.stage.name).value
-        if stage == "finetune":
+        tune_llm = self.llava_cfg.stage.tune_llm
+        if tune_llm is LlmTuning.full:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -307,8 +308,8 @@ class LlavaTrainer(Trainer):
         if state_dict is None:
             state_dict = model.state_dict()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        ckpt.save_stage_weights(output_dir, stage, state_dict, trainable)
-        if stage == "finetune_lora":
+        ckpt.save_stage_weights(output_dir, tune_llm, state_dict, trainable)
+        if tune_llm is LlmTuning.lora:
             lora_state = {k: v for k, v in state_dict.items() if component_of(k) == "lora"}
             model.save_pretrained(output_dir, state_dict=lora_state, safe_serialization=True)
             model.get_base_model().config.save_pretrained(output_dir)
@@ -318,11 +319,13 @@ class LlavaTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        stage = StageName(self.llava_cfg.stage.name).value
-        if stage == "finetune":
+        tune_llm = self.llava_cfg.stage.tune_llm
+        if tune_llm is LlmTuning.full:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        ckpt.load_trainables(self.model if model is None else model, resume_from_checkpoint, stage)
-        logger.info("resumed %s weights from %s", stage, resume_from_checkpoint)
+        ckpt.load_trainables(self.model if model is None else model, resume_from_checkpoint, tune_llm)
+        logger.info(
+            "resumed %s weights from %s", StageName(self.llava_cfg.stage.name).value, resume_from_checkpoint
+        )
 
 
 def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
