@@ -18,6 +18,7 @@ from llava_train.eval.run import EvalRunConfig, register_eval_config, run_eval_c
 
 log = logging.getLogger("launch.eval")
 
+
 # The schema is registered in Hydra's ConfigStore as "llava_eval"; a conf/llava_eval.yaml would be found first.
 @hydra.main(config_path=str(CONF_DIR), config_name="llava_eval", version_base="1.3")
 def main(raw: DictConfig) -> None:

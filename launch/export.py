@@ -19,6 +19,7 @@ from llava_train.export.run import ExportConfig, register_export_config, run_exp
 
 log = logging.getLogger("launch.export")
 
+
 @hydra.main(config_path=None, config_name="llava_export", version_base="1.3")
 def main(raw: DictConfig) -> None:
     cfg: ExportConfig = OmegaConf.to_object(raw)  # 1. typed config (MISSING keys fail here)

@@ -68,7 +68,9 @@ def test_two_process_deepspeed(data_json, tmp_path, zero, stage):
     )
     # Each rank reads its own share of every global batch: same number of micro-batches, no sample in common.
     mine, theirs = first[0]["batches"], first[1]["batches"]
-    assert len(mine) == len(theirs) >= 8 and all(len(b) == 2 for b in mine + theirs)  # 4 steps x accumulation 2
+    assert len(mine) == len(theirs) >= 8 and all(
+        len(b) == 2 for b in mine + theirs
+    )  # 4 steps x accumulation 2
     for step in range(4):
         a = {i for b in mine[2 * step : 2 * step + 2] for i in b}
         b = {i for b in theirs[2 * step : 2 * step + 2] for i in b}
