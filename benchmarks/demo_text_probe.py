@@ -1,4 +1,4 @@
-"""How fast does the demo's random LLM learn the composite skills from text alone? (README "The demo")
+"""How fast does the demo's random LLM learn the composite skills from text alone? (docs/DEMO_HISTORY.md)
 
     .venv/bin/python benchmarks/demo_text_probe.py [--seconds 90 | --steps 600] [--layers 4 --hidden 128
         --heads 4] [--batch 16 --lr 1e-3 --init 0.1] [--format chat|short] [--rounds 0 --text-first 0.5]
@@ -6,14 +6,14 @@
 
 No image is involved: the demo's stage-2 questions are asked about random digits written as text
 (``llm_text_records`` in data/build_demo.py; a strip is one row, a 2x2 grid two), to a random Llama with
-the Mistral tokenizer (by default width 128 and 4 layers, the demo LLM of README runs F-J; the demo now
-uses ``--hidden 64 --layers 6``). It trains for a fixed wall time or number of steps (answer tokens
-only, AdamW, warm-up then cosine), then scores 300 held-out one-question conversations, the digits
-before the question as the demo's held-out images are: a conversation counts as right when every
-answer token is the argmax (what greedy decoding returns). ``--rounds`` (questions per training
-conversation, 0: one to all of them) and ``--text-first`` (share with the digits before the question)
-shape the training conversations as ``data/build_demo.py --rounds / --image-first`` shape the
-demo's. It isolates the LLM: how fast it learns to read, locate and add digits given exact text.
+the Mistral tokenizer (by default width 128 and 4 layers; the demo's LLM is ``--hidden 64 --layers 6``).
+It trains for a fixed wall time or number of steps (answer tokens only, AdamW, warm-up then cosine),
+then scores 300 held-out one-question conversations, the digits before the question as the demo's
+held-out images are: a conversation counts as right when every answer token is the argmax (what greedy
+decoding returns). ``--rounds`` (questions per training conversation, 0: one to all of them) and
+``--text-first`` (share with the digits before the question) shape the training conversations as
+``data/build_demo.py --rounds / --image-first`` shape the demo's. It isolates the LLM: how fast it
+learns to read, locate and add digits given exact text.
 
 ``--format chat`` is the demo's vicuna_v1 prompt (system line, the short-answer instruction on every
 question); ``short`` drops the system line and the instruction (fewer tokens per answer).

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DIGIT_SIDE = 56  # the tiny tower's input side (patch 14): 28x28 MNIST upscaled x2
+DIGIT_SIDE = 56  # the tiny tower's input side (image_size 56): one digit is one whole crop
 Sample = tuple[np.ndarray, int]  # (28x28 uint8 image, label)
 
 
@@ -163,9 +163,10 @@ def stage2_records(
     ("<image>\\nWhat is ..."), as the held-out questions are asked; a composite image's sum question is
     picked ``sum_weight`` times as often as each of its others (addition is the slowest skill to learn).
     ``rounds=0`` asks several instead (a single digit 1-3 of its questions, a strip or grid all of
-    them, in a random order) and ``image_first`` < 1 puts the image after the question in that share
-    of conversations: the earlier demo data, which taught composite questions less well (README
-    "The demo", runs L to P).
+    them, in a random order); ``image_first`` is the share of conversations with the image before the
+    first question (the rest have it after). That shape teaches composite questions less well: later
+    questions lean on earlier answers, and the image moves relative to the question
+    (docs/DEMO_HISTORY.md, runs L to P).
     """
     records = []
     for i in range(n):
@@ -201,7 +202,7 @@ def llm_text_records(n: int, rng: random.Random, rounds: int = 0, text_first: fl
 
     The digits are written the way the image shows them (a strip is one row, a 2x2 grid two). Not part
     of the demo data: benchmarks/demo_text_probe.py trains the demo's random LLM on these to measure
-    how fast it learns the composite skills from text alone (README "The demo").
+    how fast it learns the composite skills from text alone (docs/DEMO_HISTORY.md, "The text probe").
     """
     records = []
     for i in range(n):

@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = "mistral"
 TEMPLATE = "vicuna_v1"
 SEED = 0
-# The demo model: the tiny preset reshaped for digits (README "The demo" gives the figures behind each
+# The demo model: the tiny preset reshaped for digits (docs/DEMO_HISTORY.md has the run behind each
 # choice). Every train command repeats the shape on its command line (model_args).
 PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168], [224, 56], [56, 224]]
 DEMO_MODEL = {
     # A narrow, deeper LLM: 6 layers of width 64 learn composite questions no worse than 4 of 128 and
-    # train faster (README runs K and L).
+    # train faster (docs/DEMO_HISTORY.md, runs K and L).
     "hidden_size": 64,
     "intermediate_size": 172,
     "num_hidden_layers": 6,
@@ -52,8 +52,9 @@ BASE_MODEL = {"preset": "tiny", **DEMO_MODEL, "extra": {"initializer_range": 0.1
 # Step 0b, the tower's stand-in for CLIP pretraining (llava_train/train/tower_pretrain.py).
 TOWER = {"epochs": 80, "lr": 3e-3, "batch_size": 128, "token_loss": 1.0}
 
-# Demo schedule (2 CPU cores): see README "Demo" for the figures this reaches. Stage 2 makes 2 passes over
-# 18,000 one-question conversations, sums asked 3x as often (data/build_demo.py defaults; README runs M-P).
+# Demo schedule, sized for 2 CPU cores (README "The demo" gives what it reaches). Stage 2 makes 2 passes
+# over 18,000 one-question conversations, sums asked 3x as often (data/build_demo.py defaults): fresh
+# one-question data beats more passes over less, and addition is the slowest skill (DEMO_HISTORY runs M-P).
 STAGE1 = [
     "training.global_batch_size=32",
     "training.per_device_batch_size=32",

@@ -371,7 +371,7 @@ def test_packed_rows_drop_bad_records_instead_of_overfilling(root, tokenizer, pr
     assert lengths[0] < lengths[1]  # the bad record's own length: its header is fine
     packed = build_packed_dataset(ds, max_length=sum(lengths), by_modality=False)
     assert packed.packs == [[1, 0]]  # one row, exactly full
-    assert 2 * lengths[1] > sum(lengths)  # the old replacement (long_text again) would overfill it
+    assert 2 * lengths[1] > sum(lengths)  # long_text in the bad record's place would overfill it
     row = packed[0]
     assert [s["sample_id"] for s in row] == ["long_text"]
     assert ds.bad_record_stats() == {"unreadable_image": 1}

@@ -299,7 +299,7 @@ class _Vocab:
 @pytest.mark.parametrize("already_added", [False, True])
 def test_stage1_image_token_rows_load_by_id_and_touch_nothing_else(tmp_path, already_added):
     """A tokenizer saved by stage 1 already has <im_start>/<im_end> (no new rows): their stage-1 rows still
-    load, and no other row changes (the whole matrix used to be overwritten then)."""
+    load, and no other row changes (overwriting the whole matrix would change them all)."""
     torch.manual_seed(5)
     model = build_model(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64))
     vocab = _Vocab(model.config.vocab_size)

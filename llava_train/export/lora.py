@@ -118,8 +118,9 @@ def merge_pretrain(
     """Base + a ``pretrain`` (stage 1) run's projector (+ tower, when it trained) -> one full model.
 
     Stage 2 usually needs only the projector (``stage.pretrain_mm_mlp_adapter``); when stage 1 also
-    trained the vision tower (the demo's random tower), this folds both into a model directory that
-    stage 2 starts from (``model.llm_path``) and that a later LoRA merge uses as its base.
+    trained the vision tower (a random one, ``stage.tune_vision_tower=true``), this folds both into a
+    model directory that stage 2 starts from (``model.llm_path``) and that a later LoRA merge uses as
+    its base.
     """
     pretrain_dir = Path(pretrain_dir)
     projector, tower = pretrain_dir / PROJECTOR_FILE, pretrain_dir / VISION_TOWER_FILE
