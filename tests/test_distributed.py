@@ -39,19 +39,21 @@ def data_json(tmp_path_factory) -> Path:
 
 
 CASES = [
-    ("zero2", "finetune"),
-    ("zero2", "finetune_lora"),
-    ("zero3", "finetune"),
-    ("zero3", "finetune_lora"),
-    ("zero3", "pretrain"),
+    ("zero2", "finetune", "tiny"),
+    ("zero2", "finetune_lora", "tiny"),
+    ("zero3", "finetune", "tiny"),
+    ("zero3", "finetune_lora", "tiny"),
+    ("zero3", "pretrain", "tiny"),
+    ("zero3", "finetune_lora", "tiny_qwen3"),  # another LLM family, sharded
 ]
 
 
-@pytest.mark.parametrize("zero,stage", CASES)
-def test_two_process_deepspeed(data_json, tmp_path, zero, stage):
+@pytest.mark.parametrize("zero,stage,model", CASES)
+def test_two_process_deepspeed(data_json, tmp_path, zero, stage, model):
     run_dir = tmp_path / "run"
     overrides = [
         f"+stage={stage}",
+        f"model={model}",
         f"deepspeed={zero}",
         "stage.pretrain_mm_mlp_adapter=null",
         "stage.lora.r=8",

@@ -27,9 +27,9 @@ def tokenizer():
     return load_tokenizer("mistral")
 
 
-def _model(tokenizer, seed: int, **overrides):
+def _model(tokenizer, seed: int, preset: str = "tiny", **overrides):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(preset="tiny", **overrides), tokenizer).eval()
+    return build_model(ModelConfig(preset=preset, **overrides), tokenizer).eval()
 
 
 def _image(width: int = 90, height: int = 50) -> Image.Image:
@@ -74,12 +74,23 @@ def _roundtrip(model, tokenizer, tmp_path):
     return native, AutoProcessor.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, kind):
-    model = _model(tokenizer, 0, **(FLAT if kind == "llava" else {}))
+# (preset, native class): every LLM family exports to the native classes with its own text config
+EXPORT_CASES = [
+    ("tiny", "llava"),
+    ("tiny", "llava_next"),
+    ("tiny_mistral", "llava_next"),
+    ("tiny_qwen3", "llava"),
+    ("tiny_gemma3", "llava_next"),
+]
+
+
+@pytest.mark.parametrize("preset,kind", EXPORT_CASES)
+def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind):
+    model = _model(tokenizer, 0, preset, **(FLAT if kind == "llava" else {}))
     assert native_kind(model.config) == kind
     native, processor = _roundtrip(model, tokenizer, tmp_path)
     assert native.config.model_type == kind
+    assert native.config.text_config.model_type == type(model.config).__bases__[0].model_type
     image = _image()
     ids, pixels, sizes = _ours_inputs(model, tokenizer, image)
     inputs = processor(images=image, text=PROMPT, return_tensors="pt")
@@ -116,6 +127,7 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, kind):
 
     # and back: the native dir imported into our class gives our logits (plus the <image> column)
     back = import_hf(tmp_path)
+    assert type(back) is type(model)  # the native text config's family comes back
     assert back.config.image_aspect_ratio == model.config.image_aspect_ratio
     if kind == "llava_next":
         assert back.config.image_grid_pinpoints == model.config.image_grid_pinpoints

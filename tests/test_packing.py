@@ -29,10 +29,10 @@ from llava_train.model.merge import packed_attention_mask, packed_position_ids
 VOCAB = 500
 
 
-def _model(aspect: str, merge: str, attn: str = "sdpa"):
+def _model(aspect: str, merge: str, attn: str = "sdpa", preset: str = "tiny"):
     torch.manual_seed(0)
     cfg = ModelConfig(
-        preset="tiny",
+        preset=preset,
         hidden_size=64,
         intermediate_size=128,
         image_aspect_ratio=aspect,
@@ -103,16 +103,21 @@ def _loss_and_grads(model, batch: dict, n_items: int) -> tuple[torch.Tensor, dic
 
 
 CASES = [
-    ("pad", "flat", "sdpa"),
-    ("pad", "flat", "eager"),
-    ("anyres", "spatial_unpad", "sdpa"),
-    ("anyres", "flat", "sdpa"),
+    ("pad", "flat", "sdpa", "tiny"),
+    ("pad", "flat", "eager", "tiny"),
+    ("anyres", "spatial_unpad", "sdpa", "tiny"),
+    ("anyres", "flat", "sdpa", "tiny"),
+    # every other family; Gemma 3 mixes sliding-window (8 tokens here) and full layers
+    ("anyres", "spatial_unpad", "sdpa", "tiny_mistral"),
+    ("anyres", "spatial_unpad", "sdpa", "tiny_qwen3"),
+    ("anyres", "spatial_unpad", "sdpa", "tiny_gemma3"),
+    ("pad", "flat", "eager", "tiny_gemma3"),
 ]
 
 
-@pytest.mark.parametrize("aspect,merge,attn", CASES)
-def test_packed_loss_and_grads_equal_unpacked(aspect, merge, attn):
-    model = _model(aspect, merge, attn)
+@pytest.mark.parametrize("aspect,merge,attn,preset", CASES)
+def test_packed_loss_and_grads_equal_unpacked(aspect, merge, attn, preset):
+    model = _model(aspect, merge, attn, preset)
     samples = _samples(model, [1, 0, 2, 1, 0])
     n = _supervised(samples)
     for s in samples:  # unpacked: token 0's label is never a target either

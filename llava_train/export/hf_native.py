@@ -1,6 +1,6 @@
 """Conversion between our LLaVA model and transformers' native Llava / LlavaNext classes, both ways.
 
-Export (``export_hf``): ``LlavaLlamaForCausalLM`` + tokenizer -> a directory that
+Export (``export_hf``): our LLaVA model (any LLM family) + tokenizer -> a directory that
 ``AutoModelForImageTextToText.from_pretrained(dir)`` and ``AutoProcessor.from_pretrained(dir)`` run
 with no code of ours:
 
@@ -36,6 +36,7 @@ from torch import nn
 from llava_train.constants import DEFAULT_IMAGE_TOKEN
 from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava_train.model.anyres import parse_grid_pinpoints
+from llava_train.model.families import family_class, family_of_native, native_text_config_class
 from llava_train.model.projector import state_mismatch
 from llava_train.model.vision_tower import CLIP_MEAN, CLIP_STD
 
@@ -103,14 +104,13 @@ def swap_pinpoints(pinpoints: list) -> list[list[int]]:
 
 
 def text_config_dict(config: LlavaConfig, vocab_size: int) -> dict[str, Any]:
-    """The Llama part of our config (mm_* keys dropped) as a native ``text_config``."""
-    from transformers import LlamaConfig
-
-    llama_keys = set(LlamaConfig().to_dict())
-    text = {k: v for k, v in config.to_dict().items() if k in llama_keys}
+    """The LLM part of our config (mm_* keys dropped) as a native ``text_config`` of the LLM's own family."""
+    native = native_text_config_class(config)
+    text_keys = set(native().to_dict())
+    text = {k: v for k, v in config.to_dict().items() if k in text_keys}
     for key in ("architectures", "auto_map", "_name_or_path", "transformers_version"):
         text.pop(key, None)
-    return {**text, "model_type": "llama", "vocab_size": vocab_size, "tie_word_embeddings": False}
+    return {**text, "model_type": native.model_type, "vocab_size": vocab_size, "tie_word_embeddings": False}
 
 
 def native_config(model: LlavaLlamaForCausalLM, image_token_index: int) -> Any:
@@ -282,8 +282,10 @@ def _check_importable(config: Any) -> None:
     problems = []
     if config.model_type not in ("llava", "llava_next"):
         problems.append(f"model_type {config.model_type!r} (need 'llava' or 'llava_next')")
-    if config.text_config.model_type != "llama":
-        problems.append(f"text_config.model_type {config.text_config.model_type!r} (need 'llama')")
+    try:
+        family_of_native(config.text_config.model_type)
+    except ValueError as err:
+        problems.append(str(err))
     if config.vision_config.model_type != "clip_vision_model":
         problems.append(f"vision_config.model_type {config.vision_config.model_type!r} (need CLIP)")
     if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
@@ -314,7 +316,8 @@ def our_config(native: Any, aspect: str) -> LlavaConfig:
         text.pop(key, None)
     is_next = native.model_type == "llava_next"
     select = {v: k for k, v in _SELECT.items()}[native.vision_feature_select_strategy]
-    return LlavaConfig(
+    config_class = family_class(family_of_native(native.text_config.model_type)).config_class
+    return config_class(
         **text,
         mm_vision_tower=vision.get("_name_or_path") or "clip-vision-from-native",
         mm_vision_config={k: v for k, v in vision.items() if k not in ("model_type", "transformers_version")},
@@ -330,7 +333,7 @@ def our_config(native: Any, aspect: str) -> LlavaConfig:
 
 
 def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LlavaLlamaForCausalLM:
-    """A transformers-native llava / llava_next checkpoint dir -> our ``LlavaLlamaForCausalLM``.
+    """A transformers-native llava / llava_next checkpoint dir -> our LLaVA model of its LLM's family.
 
     The native vocab (with its ``<image>`` row) is kept, so logits match the native model column for
     column; prompts still use IMAGE_TOKEN_INDEX placeholders, as everywhere in this package.
@@ -341,7 +344,8 @@ def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Ll
     native_cfg = AutoConfig.from_pretrained(path)
     _check_importable(native_cfg)
     native = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    model = LlavaLlamaForCausalLM(our_config(native_cfg, _image_aspect_ratio(path, native_cfg.model_type)))
+    config = our_config(native_cfg, _image_aspect_ratio(path, native_cfg.model_type))
+    model = family_class(family_of_native(native_cfg.text_config.model_type))(config)
     model = model.to(dtype)
     load_strict(model, from_native_state_dict(native.state_dict()), f"import of {path}")
     return model.eval()

@@ -1,14 +1,9 @@
-"""Model builder: a typed ``ModelConfig`` (Hydra schema) -> ``LlavaConfig`` -> ``LlavaLlamaForCausalLM``.
+"""Model builder: a typed ``ModelConfig`` (Hydra schema) -> the family's LLaVA config -> its causal LM.
 
-A preset fills every field left ``None``. Presets:
-- ``tiny``: CLIP 56px / patch 14 (P=4), hidden 64, 2 layers; LLM hidden 128, 2 layers; anyres +
-  spatial_unpad with small pinpoints. For tests and the demo; a few M parameters plus embeddings.
-- ``llava-v1.5-7b``: Vicuna-7B + CLIP-L/14-336, pad, flat, mlp2x_gelu.
-- ``llava-v1.6-vicuna-7b``: the seed's section-2 table (anyres, spatial_unpad, pinpoints, ...).
-The CLIP config is written out in every preset, so models build offline (and on the meta device).
+A preset (model/presets.py) fills every field left ``None``.
 
 ``build_model`` always goes LLM first, then ``initialize_vision_modules`` (the training path):
-the LLM is random (from the preset sizes) or loaded from ``llm_path`` (a local Llama checkpoint);
+the LLM is random (from the preset sizes) or loaded from ``llm_path`` (a local checkpoint of the family);
 the tower is random from the preset's CLIP config, or pretrained when ``vision_tower`` is set.
 """
 
@@ -21,95 +16,11 @@ from typing import Any
 
 import torch
 
+from llava_train.model.families import family_class
 from llava_train.model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
-from llava_train.model.vision_tower import BUILTIN_VISION_CONFIGS, parse_s2_scales
+from llava_train.model.presets import PRESETS
+from llava_train.model.vision_tower import parse_s2_scales
 
-CLIP_L336 = "openai/clip-vit-large-patch14-336"
-_VICUNA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    vocab_size=32000,
-    rms_norm_eps=1e-5,
-    initializer_range=0.02,
-    hidden_act="silu",
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-    attention_bias=False,
-    attention_dropout=0.0,
-    pretraining_tp=1,
-    use_cache=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-)
-V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        llm=dict(
-            hidden_size=128,
-            intermediate_size=344,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-            vocab_size=32000,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-        ),
-        vision_name="tiny-clip-56",
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=56,
-            patch_size=14,
-            projection_dim=64,
-        ),
-        mm=dict(
-            mm_projector_type="mlp2x_gelu",
-            mm_patch_merge_type="spatial_unpad",
-            image_aspect_ratio="anyres",
-            image_grid_pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
-            mm_vision_select_layer=-2,
-            mm_vision_select_feature="patch",
-            model_max_length=2048,
-        ),
-    ),
-    "llava-v1.5-7b": dict(
-        llm=_VICUNA_7B,
-        vision_name=CLIP_L336,
-        vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
-        mm=dict(
-            mm_projector_type="mlp2x_gelu",
-            mm_patch_merge_type="flat",
-            image_aspect_ratio="pad",
-            image_grid_pinpoints=None,
-            mm_vision_select_layer=-2,
-            mm_vision_select_feature="patch",
-            model_max_length=2048,
-        ),
-    ),
-    "llava-v1.6-vicuna-7b": dict(
-        llm=_VICUNA_7B,
-        vision_name=CLIP_L336,
-        vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
-        mm=dict(
-            mm_projector_type="mlp2x_gelu",
-            mm_patch_merge_type="spatial_unpad",
-            image_aspect_ratio="anyres",
-            image_grid_pinpoints=V16_PINPOINTS,
-            mm_vision_select_layer=-2,
-            mm_vision_select_feature="patch",
-            model_max_length=4096,
-        ),
-    ),
-}
 _LLM_OVERRIDES = (
     "hidden_size",
     "intermediate_size",
@@ -210,7 +121,8 @@ def build_llava_config(cfg: ModelConfig, vocab_size: int | None = None) -> Llava
         llm["vocab_size"] = vocab_size
     mm = _resolved_mm(cfg, preset)
     vision_config = _vision_config(cfg, preset)
-    return LlavaConfig(
+    config_class = family_class(preset.get("family", "llama")).config_class
+    return config_class(
         **(llm | cfg.extra),  # extra may also override a preset's LlamaConfig key (tie_word_embeddings, ...)
         mm_vision_tower=cfg.vision_tower or preset["vision_name"],
         mm_vision_config=vision_config,
@@ -249,15 +161,17 @@ def vision_args(config: LlavaConfig, cfg: ModelConfig) -> SimpleNamespace:
 
 
 def _build_llm(cfg: ModelConfig, config: LlavaConfig) -> LlavaLlamaForCausalLM:
-    """The decoder alone: loaded from ``llm_path`` or random from ``config`` (mm keys stripped)."""
+    """The decoder alone (of the preset's family): loaded from ``llm_path`` or random from ``config``
+    (mm keys stripped)."""
+    model_class = family_class(_preset(cfg).get("family", "llama"))
     if cfg.llm_path is not None:
-        return LlavaLlamaForCausalLM.from_pretrained(
+        return model_class.from_pretrained(
             cfg.llm_path, dtype=parse_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
         )
     text_config = copy.deepcopy(config)
     text_config.mm_vision_tower = None
     # _from_config: under DeepSpeed ZeRO-3 (transformers' flag set) it builds under zero.Init, sharded.
-    return LlavaLlamaForCausalLM._from_config(text_config, dtype=parse_dtype(cfg.dtype))
+    return model_class._from_config(text_config, dtype=parse_dtype(cfg.dtype))
 
 
 _MM_CONFIG_KEYS = (

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from llava_train.constants import (
     DEFAULT_IM_END_TOKEN,
@@ -44,6 +45,13 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 
+def init_image_newline(module: nn.Module) -> None:
+    """``image_newline`` ~ randn / sqrt(hidden), as the original (a no-op for modules without one)."""
+    newline = getattr(module, "image_newline", None)
+    if isinstance(newline, nn.Parameter):
+        init.normal_(newline, mean=0.0, std=1.0 / math.sqrt(newline.shape[0]))
+
+
 class LlavaMetaModel:
     """Mixin for the base LLM: owns ``vision_tower``, ``mm_projector`` and ``image_newline``."""
 
@@ -54,6 +62,10 @@ class LlavaMetaModel:
             self.mm_projector = build_vision_projector(config)
             if "unpad" in (getattr(config, "mm_patch_merge_type", None) or ""):
                 self.image_newline = nn.Parameter(self._newline_init(config.hidden_size))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        init_image_newline(module)
 
     @staticmethod
     def _newline_init(hidden_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -257,9 +269,22 @@ class LlavaMetaForCausalLM:
             input_ids, seq_ids > 0, full_labels, images, image_sizes, "right", seq_ids
         )
         position_ids = packed_position_ids(new_seq)  # [b, T]
-        attn = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        mask = packed_attention_mask(new_seq, attn, embeds.dtype)  # [b, 1, T, T] or None
+        mask = self._packed_mask(new_seq, embeds.dtype)  # [b, 1, T, T], one per layer type, or None
         return None, position_ids, mask, past_key_values, embeds, None if labels is None else new_labels
+
+    def _packed_mask(self, seq_ids: torch.Tensor, dtype: torch.dtype) -> Any:
+        """:func:`packed_attention_mask` for this decoder: windowed for sliding-window layers (Mistral's
+        ``sliding_window``), and a {layer type: mask} mapping for decoders that mix layer types (Gemma 3)."""
+        config = self.config
+        attn = getattr(config, "_attn_implementation", None) or "sdpa"
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if not layer_types:  # every layer alike: sliding when the config has a window (Mistral)
+            return packed_attention_mask(seq_ids, attn, dtype, window)
+        masks = {"full_attention": packed_attention_mask(seq_ids, attn, dtype)}
+        if "sliding_attention" in layer_types:
+            masks["sliding_attention"] = packed_attention_mask(seq_ids, attn, dtype, window)
+        return None if masks["full_attention"] is None else masks
 
     def initialize_vision_tokenizer(self, model_args: Any, tokenizer: Any) -> None:
         """Add <im_patch> / <im_start>,<im_end> as the original; new embedding rows = mean of the old."""

@@ -188,17 +188,22 @@ def packed_position_ids(seq_ids: torch.Tensor) -> torch.Tensor:
     return arange - run_start
 
 
-def packed_attention_mask(seq_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> Any:
+def packed_attention_mask(
+    seq_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype, sliding_window: int | None = None
+) -> Any:
     """The mask the decoder needs for packed rows, per attention implementation.
 
     sdpa: [b, 1, T, T] bool, True = attend (causal and same sample; padding attends to padding only,
     so no row is fully masked). eager: the same as an additive float mask. flash_attention_* and
     others: None, the packing is read from the restarting position ids (varlen kernels).
+    ``sliding_window`` W: a key at most W - 1 tokens back, as transformers' sliding-window layers see.
     """
     if attn_implementation not in ("sdpa", "eager"):
         return None
     t = seq_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()  # [T, T]
+    if sliding_window:
+        causal = causal.triu(-(sliding_window - 1))  # kv > q - W
     allowed = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal  # [b, T, T]
     allowed = allowed[:, None]  # [b, 1, T, T]
     if attn_implementation == "sdpa":

@@ -1,0 +1,201 @@
+"""What every LLaVA causal LM shares, whatever its decoder family: the mm_* config keys, and the
+image-aware ``forward`` / ``generate`` on top of the family's own (transformers') causal LM.
+
+A family is one small file (llava_llama.py, llava_mistral.py, llava_qwen.py, llava_qwen3.py, llava_gemma3.py):
+a config class ``(FamilyConfig, LlavaConfigKeys)``, a base model ``(LlavaMetaModel, FamilyModel)`` and a
+causal LM ``(LlavaForCausalLMMixin, FamilyForCausalLM)`` naming its base model; docs/MODEL_FAMILIES.md says
+how to add one. The mixins come first in the MRO, so ``super().forward`` is the family's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llava_train.constants import IGNORE_INDEX
+from llava_train.model.llava_arch import LlavaMetaForCausalLM, init_image_newline
+
+
+@dataclass(repr=False)
+class LlavaConfigKeys:
+    """The original LLaVA ``mm_*`` keys plus ``mm_vision_config`` (the tower's config dict), on any LLM config."""
+
+    mm_vision_tower: str | None = None
+    mm_hidden_size: int | None = None
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_projector_type: str = "linear"
+    mm_patch_merge_type: str = "flat"
+    image_aspect_ratio: str = "square"
+    image_grid_pinpoints: list | str | None = None
+    tokenizer_model_max_length: int | None = None
+    tokenizer_padding_side: str = "right"
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    use_mm_proj: bool = False
+    mm_vision_config: dict | None = None
+
+
+class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
+    """The image-aware causal LM. A family class sets ``base_model_class`` (its ``LlavaMetaModel``)."""
+
+    base_model_class: type
+
+    def __init__(self, config: Any) -> None:
+        # The family's own __init__ would build a plain decoder first: build ours instead, as it does.
+        PreTrainedModel.__init__(self, config)
+        self.model = self.base_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_model(self) -> Any:
+        return self.model
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        init_image_newline(module)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        images: torch.Tensor | list[torch.Tensor] | None = None,
+        image_sizes: list | None = None,
+        return_dict: bool | None = None,
+        cache: Any = None,
+        seq_ids: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Merge images into the text, then the family's decoder forward.
+
+        ``num_items_in_batch`` (in kwargs) makes the loss sum(token CE) / num_items_in_batch.
+        ``cache`` is transformers 5's name for ``past_key_values``; either is accepted.
+        ``seq_ids`` [b, s] (packed rows, data/packing.py: sample index per token, 0 = padding) replaces
+        attention_mask / position_ids: positions restart per sample and no token attends across samples.
+        In training mode with labels, logits are computed only where a label is supervised (see
+        :meth:`_supervised_loss`) and the output's ``logits`` is None; eval mode returns full logits.
+        """
+        cache = cache if cache is not None else past_key_values
+        if seq_ids is not None and inputs_embeds is not None:
+            raise ValueError("seq_ids (packing) needs input_ids, not inputs_embeds")
+        if seq_ids is not None:
+            # A KV cache of packed rows is meaningless, and transformers reads packing from the position
+            # ids (flash-attention varlen, or no 4D mask) only when no cache is passed.
+            use_cache = False
+        if inputs_embeds is None:
+            input_ids, position_ids, attention_mask, cache, inputs_embeds, labels = (
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids,
+                    position_ids,
+                    attention_mask,
+                    cache,
+                    labels,
+                    images,
+                    image_sizes,
+                    seq_ids=seq_ids,
+                )
+            )
+        if return_dict is not None:
+            kwargs["return_dict"] = return_dict
+        if labels is not None and self.training:
+            num_items = kwargs.pop("num_items_in_batch", None)
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            loss = self._supervised_loss(outputs.last_hidden_state, labels, num_items)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def _supervised_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """Next-token cross-entropy from the lm_head rows that are supervised, summed / supervised count.
+
+        Same value as transformers' causal-LM loss, without the [b, T, vocab] logits: in LLaVA batches
+        most positions (image features, prompts, padding) are IGNORE_INDEX, and the vocab projection
+        of those rows was most of a small model's step. ``num_items_in_batch`` (supervised tokens
+        across gradient accumulation) is the divisor when given; an all-ignored batch gives loss 0.
+        """
+        targets = labels[:, 1:].to(hidden.device)  # [b, T-1] the token each position predicts
+        keep = targets != IGNORE_INDEX  # [b, T-1]
+        logits = self.lm_head(hidden[:, :-1][keep]).float()  # [n_sup, V]
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma: as its own forward does
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        denom = keep.sum() if num_items_in_batch is None else num_items_in_batch
+        return loss / torch.as_tensor(denom, device=loss.device).clamp(min=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        images: torch.Tensor | list[torch.Tensor] | None = None,
+        image_sizes: list | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Greedy / sampled generation from token ids plus images; returns the new tokens only.
+
+        The prompt is merged once into ``inputs_embeds``; later steps reuse the KV cache. With no
+        attention mask given, an all-ones mask is assumed so the merged padding is masked out.
+        """
+        if "inputs_embeds" in kwargs:
+            raise NotImplementedError("pass input ids (inputs=) and images; inputs_embeds is built here")
+        position_ids = kwargs.pop("position_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(inputs, dtype=torch.long)
+        embeds = None
+        if images is not None:
+            inputs, position_ids, attention_mask, _, embeds, _ = self.prepare_inputs_labels_for_multimodal(
+                inputs, position_ids, attention_mask, None, None, images, image_sizes
+            )
+        if embeds is None:
+            embeds = self.get_model().embed_tokens(inputs)
+        return super().generate(
+            position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=embeds, **kwargs
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict:
+        """Images go to the model on the first step only; later steps are text with the KV cache."""
+        images = kwargs.pop("images", None)
+        image_sizes = kwargs.pop("image_sizes", None)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if images is not None and is_first_iteration:
+            inputs["images"] = images
+            inputs["image_sizes"] = image_sizes
+        return inputs

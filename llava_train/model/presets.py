@@ -1,0 +1,128 @@
+"""Model presets: the LLM family and sizes, the vision tower's config, and the multimodal settings.
+
+Every field of a ``ModelConfig`` left ``None`` takes the preset's value. The tower config is written out
+in every preset, so models build offline (and on the meta device). ``family`` names the LLM class
+(model/families.py; llama when absent).
+- ``tiny``: CLIP 56px / patch 14 (P=4), hidden 64, 2 layers; LLM hidden 128, 2 layers; anyres +
+  spatial_unpad with small pinpoints. For tests and the demo; a few M parameters plus embeddings.
+- ``tiny_mistral`` / ``tiny_qwen3`` / ``tiny_gemma3``: the tiny geometry on the other families' decoders.
+- ``llava-v1.5-7b``: Vicuna-7B + CLIP-L/14-336, pad, flat, mlp2x_gelu.
+- ``llava-v1.6-vicuna-7b``: the seed's section-2 table (anyres, spatial_unpad, pinpoints, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llava_train.model.vision_tower import BUILTIN_VISION_CONFIGS
+
+CLIP_L336 = "openai/clip-vit-large-patch14-336"
+_VICUNA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    vocab_size=32000,
+    rms_norm_eps=1e-5,
+    initializer_range=0.02,
+    hidden_act="silu",
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    attention_dropout=0.0,
+    pretraining_tp=1,
+    use_cache=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+_TINY_LLM = dict(
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    vocab_size=32000,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def _tiny_llm(**family_keys: Any) -> dict[str, Any]:
+    return {**_TINY_LLM, **family_keys}
+
+
+_TINY: dict[str, Any] = dict(
+    llm=_TINY_LLM,
+    vision_name="tiny-clip-56",
+    vision_config=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        projection_dim=64,
+    ),
+    mm=dict(
+        mm_projector_type="mlp2x_gelu",
+        mm_patch_merge_type="spatial_unpad",
+        image_aspect_ratio="anyres",
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        model_max_length=2048,
+    ),
+)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _TINY,
+    # The tiny geometry on the other decoder families (random, offline): tests train and export each one.
+    "tiny_mistral": dict(_TINY, family="mistral", llm=_tiny_llm(sliding_window=None)),
+    "tiny_qwen3": dict(_TINY, family="qwen3", llm=_tiny_llm(head_dim=32, tie_word_embeddings=True)),
+    "tiny_gemma3": dict(
+        _TINY,
+        family="gemma3",
+        llm=_tiny_llm(
+            head_dim=32,
+            tie_word_embeddings=True,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=32,
+        ),
+    ),
+    "llava-v1.5-7b": dict(
+        llm=_VICUNA_7B,
+        vision_name=CLIP_L336,
+        vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            mm_patch_merge_type="flat",
+            image_aspect_ratio="pad",
+            image_grid_pinpoints=None,
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            model_max_length=2048,
+        ),
+    ),
+    "llava-v1.6-vicuna-7b": dict(
+        llm=_VICUNA_7B,
+        vision_name=CLIP_L336,
+        vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            mm_patch_merge_type="spatial_unpad",
+            image_aspect_ratio="anyres",
+            image_grid_pinpoints=V16_PINPOINTS,
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            model_max_length=4096,
+        ),
+    ),
+}
