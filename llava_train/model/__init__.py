@@ -23,7 +23,13 @@ from llava_train.model.llava_llama import (
     register_llava,
 )
 from llava_train.model.projector import build_vision_projector
-from llava_train.model.vision_tower import CLIPVisionTower, CLIPVisionTowerS2, build_vision_tower
+from llava_train.model.vision_tower import (
+    CLIPVisionTower,
+    CLIPVisionTowerS2,
+    SiglipVisionTower,
+    VisionTower,
+    build_vision_tower,
+)
 
 register_llava()
 
@@ -36,6 +42,8 @@ __all__ = [
     "LlavaMetaForCausalLM",
     "LlavaMetaModel",
     "ModelConfig",
+    "SiglipVisionTower",
+    "VisionTower",
     "build_llava_config",
     "build_model",
     "build_vision_projector",
