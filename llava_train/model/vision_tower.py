@@ -1,4 +1,4 @@
-"""Vision towers: a ViT (CLIP or SigLIP) that turns pixels into patch features, and CLIP's multiscale (S2) form.
+"""Vision towers: a CLIP or SigLIP ViT that turns pixels into patch features; CLIP's multiscale (S2) form.
 
 Notation: n images, S crop side in pixels (the tower's input resolution), P = S / patch_size patches
 per side, d the tower's hidden size.
@@ -93,14 +93,14 @@ def vision_model_type(name_or_path: str, config_dict: dict | None = None) -> str
     try:
         return PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type", "")
     except OSError as err:
-        raise OSError(
-            f"cannot read a vision tower config from {name_or_path!r}: pass a local directory, one of "
-            f"{sorted(BUILTIN_VISION_CONFIGS)}, or set mm_vision_config (a CLIP or SigLIP vision config dict)"
+        raise ValueError(
+            f"unknown vision tower {name_or_path!r}: its config.json cannot be read; pass a local directory, "
+            f"one of {sorted(BUILTIN_VISION_CONFIGS)}, or set mm_vision_config (a CLIP or SigLIP config dict)"
         ) from err
 
 
 def resolve_vision_config(name_or_path: str, config_dict: dict | None = None) -> PretrainedConfig:
-    """The tower's config (CLIPVisionConfig or SiglipVisionConfig) from ``config_dict``, the table, or a dir."""
+    """The tower's CLIPVisionConfig / SiglipVisionConfig from ``config_dict``, the table, or a dir."""
     model_type = vision_model_type(name_or_path, config_dict)
     config_cls = _config_class(model_type, name_or_path)
     if config_dict is None:
@@ -255,7 +255,7 @@ class SiglipVisionTower(VisionTower):
         self.is_loaded = True
 
     def load_model(self, device_map: Any = None) -> None:
-        """Load pretrained weights from ``vision_tower_name`` into the truncated tower (a no-op when built)."""
+        """Load pretrained weights from ``vision_tower_name`` into the truncated tower (no-op when built)."""
         if self.is_loaded:
             return
         released = resolve_vision_config(self.vision_tower_name)
@@ -349,7 +349,7 @@ class CLIPVisionTowerS2(CLIPVisionTower):
 
 
 def build_vision_tower(config: Any, delay_load: bool = False, **kwargs: Any) -> VisionTower:
-    """The tower named by ``config.mm_vision_tower`` (or ``config.vision_tower``), of the kind its config says.
+    """The tower named by ``config.mm_vision_tower`` (or ``config.vision_tower``), of its config's kind.
 
     The kind is the tower config's ``model_type`` (see the module docstring), never the name;
     ``use_s2=True`` picks CLIP's multiscale form.
