@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from llava_train.constants import IMAGE_TOKEN_INDEX
 from llava_train.data.image import process_images, processor_crop_size
@@ -110,9 +110,19 @@ def test_processor_is_a_plain_resize_with_half_mean_std():
     assert processor_crop_size(clip.image_processor()) == 28
 
 
-def test_pretrained_dir_loads_into_the_truncated_tower(tmp_path):
+@pytest.mark.parametrize("layout", ["vision_model", "siglip_model"])
+def test_pretrained_dir_loads_into_the_truncated_tower(tmp_path, layout):
+    """A SiglipVisionModel dir, or a full SiglipModel dir (text + vision) as google/siglip-* ship."""
     full = _full_tiny_siglip(seed=1)
-    full.save_pretrained(tmp_path)
+    if layout == "siglip_model":
+        text = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+        )
+        pair = SiglipModel(SiglipConfig(text_config=text, vision_config=full.config.to_dict()))
+        pair.vision_model.load_state_dict(full.state_dict())
+        pair.save_pretrained(tmp_path)
+    else:
+        full.save_pretrained(tmp_path)
     tower = SiglipVisionTower(str(tmp_path), SimpleNamespace())
     assert len(tower.vision_tower.encoder.layers) == 2
     images = torch.randn(2, 3, 56, 56)
