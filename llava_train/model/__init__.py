@@ -21,7 +21,13 @@ from llava_train.model.llava_qwen import LlavaQwenConfig, LlavaQwenForCausalLM
 from llava_train.model.llava_qwen3 import LlavaQwen3Config, LlavaQwen3ForCausalLM
 from llava_train.model.merge import merge_text_and_images
 from llava_train.model.projector import build_vision_projector
-from llava_train.model.vision_tower import CLIPVisionTower, CLIPVisionTowerS2, build_vision_tower
+from llava_train.model.vision_tower import (
+    CLIPVisionTower,
+    CLIPVisionTowerS2,
+    SiglipVisionTower,
+    VisionTower,
+    build_vision_tower,
+)
 
 register_llava()
 
@@ -43,6 +49,8 @@ __all__ = [
     "LlavaQwenConfig",
     "LlavaQwenForCausalLM",
     "ModelConfig",
+    "SiglipVisionTower",
+    "VisionTower",
     "build_llava_config",
     "build_model",
     "build_vision_projector",
