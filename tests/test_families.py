@@ -1,4 +1,4 @@
-"""Every LLM family (Llama, Mistral, Qwen3, Gemma 3) on the shared mixins: the training loss, save and load
+"""Every LLM family (Llama, Mistral, Qwen2 with SigLIP, Qwen3, Gemma 3) on the shared mixins: the training loss, save and load
 through transformers' Auto classes, and the three stages through the trainer (packing included).
 
 Packing per family is in test_packing.py, export per family in test_export_hf.py, ZeRO-3 in
@@ -18,8 +18,9 @@ from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_train.model import FAMILIES, ModelConfig, build_model
 from llava_train.model.anyres import get_anyres_image_grid_shape
 
-PRESETS = ["tiny", "tiny_mistral", "tiny_qwen3", "tiny_gemma3"]
-FAMILY = {"tiny": "llama", "tiny_mistral": "mistral", "tiny_qwen3": "qwen3", "tiny_gemma3": "gemma3"}
+PRESETS = ["tiny", "tiny_mistral", "tiny_qwen2_siglip", "tiny_qwen3", "tiny_gemma3"]
+FAMILY = {"tiny": "llama", "tiny_mistral": "mistral", "tiny_qwen2_siglip": "qwen2", "tiny_qwen3": "qwen3",
+          "tiny_gemma3": "gemma3"}  # fmt: skip
 
 
 def _model(preset: str):
@@ -128,3 +129,46 @@ def test_family_runs_stage1_then_full_and_lora_stage2(preset, data_json, tmp_pat
     run("finetune_lora", tmp_path / "lora", f"stage.pretrain_mm_mlp_adapter={projector}", "data.packing=true")
     adapter = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
     assert adapter and all(".lora_" in k and ".layers." in k and "vision" not in k for k in adapter)
+
+
+# Released totals (docs/MODEL_FAMILIES.md: LLM + tower as LLaVA keeps it + mlp2x_gelu projector + newline).
+RELEASED_PARAMETERS = {"llava-v1.6-mistral-7b": 7_566_223_360, "llava-onevision-qwen2-7b": 8_030_348_832}
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED_PARAMETERS))
+def test_released_presets_build_on_meta_with_the_released_parameter_counts(preset):
+    with torch.device("meta"):
+        model = build_model(ModelConfig(preset=preset))
+    assert sum(p.numel() for p in model.parameters()) == RELEASED_PARAMETERS[preset]
+    assert type(model).__name__ == {"llava-v1.6-mistral-7b": "LlavaMistralForCausalLM",
+                                    "llava-onevision-qwen2-7b": "LlavaQwenForCausalLM"}[preset]  # fmt: skip
+    keys = dict(model.named_parameters())
+    assert keys["model.mm_projector.0.weight"].shape[1] == model.config.mm_hidden_size
+    assert "model.image_newline" in keys
+
+
+def test_original_layout_onevision_checkpoint_loads(tmp_path):
+    """As lmms-lab's OneVision releases are laid out: model_type "llava", the class in `architectures`,
+    SigLIP keys under `vision_tower.vision_tower.vision_model.`; load_original picks the family from it."""
+    from safetensors.torch import save_file
+
+    from llava_train.export import load_original
+
+    model = _model("tiny_qwen2_siglip")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"], config["architectures"] = "llava", ["LlavaQwenForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tower = "model.vision_tower.vision_tower."
+    state = load_file(str(tmp_path / "model.safetensors"))
+    if not any(k.startswith(tower + "vision_model.") for k in state):
+        state = {k.replace(tower, tower + "vision_model."): v for k, v in state.items()}
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_original(tmp_path)
+    assert type(loaded) is type(model)
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7]])
+    images, sizes = _image_batch(model, [(150, 40)]), [(150, 40)]
+    with torch.no_grad():
+        want = model(input_ids=ids, images=images, image_sizes=sizes).logits
+        got = loaded(input_ids=ids, images=images, image_sizes=sizes).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

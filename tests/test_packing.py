@@ -23,7 +23,7 @@ from llava_train.data.packing import (
 )
 from llava_train.data.sampler import build_sampler
 from llava_train.model import ModelConfig, build_model
-from llava_train.model.anyres import get_anyres_image_grid_shape, num_image_tokens
+from llava_train.model.anyres import get_anyres_image_grid_shape, is_anyres, num_image_tokens
 from llava_train.model.merge import packed_attention_mask, packed_position_ids
 
 VOCAB = 500
@@ -45,7 +45,7 @@ def _model(aspect: str, merge: str, attn: str = "sdpa", preset: str = "tiny"):
 def _sample(rng: random.Random, model, n_img: int, sid: str) -> dict:
     """A synthetic sample: prompt, images, supervised reply; exact length from the model's geometry."""
     side = model.get_vision_tower().image_size
-    anyres = model.config.image_aspect_ratio == "anyres"
+    anyres = is_anyres(model.config.image_aspect_ratio)
     ids, images, sizes = [1], [], []
     for _ in range(n_img):
         ids += [rng.randint(3, VOCAB - 1) for _ in range(rng.randint(1, 4))] + [IMAGE_TOKEN_INDEX]
@@ -110,6 +110,7 @@ CASES = [
     # every other family; Gemma 3 mixes sliding-window (8 tokens here) and full layers
     ("anyres", "spatial_unpad", "sdpa", "tiny_mistral"),
     ("anyres", "spatial_unpad", "sdpa", "tiny_qwen3"),
+    ("anyres_max_4", "spatial_unpad", "sdpa", "tiny_qwen2_siglip"),
     ("anyres", "spatial_unpad", "sdpa", "tiny_gemma3"),
     ("pad", "flat", "eager", "tiny_gemma3"),
 ]

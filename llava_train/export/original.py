@@ -15,14 +15,30 @@ from pathlib import Path
 
 import torch
 
-from llava_train.model import LlavaLlamaForCausalLM
+from llava_train.model import FAMILIES, LlavaLlamaForCausalLM
 from llava_train.model.projector import load_projector_weights, projector_state_from
 
-ORIGINAL_MODEL_TYPES = ("llava", "llava_llama")
+# The released class names (LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM) are ours.
+_BY_ARCHITECTURE = {cls.__name__: cls for cls in FAMILIES.values()}
+_BY_MODEL_TYPE = {cls.config_class.model_type: cls for cls in FAMILIES.values()}
+ORIGINAL_MODEL_TYPES = ("llava", *_BY_MODEL_TYPE)
+
+
+def _model_class(config: dict) -> type:
+    """The family class of a checkpoint: its own model_type, or for model_type "llava" (the original releases:
+    LLaVA-1.5, OneVision) the class its ``architectures`` names; Llama when it names none."""
+    if config.get("model_type") in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[config["model_type"]]
+    named = [a for a in config.get("architectures") or [] if a in _BY_ARCHITECTURE]
+    if config.get("architectures") and not named:
+        raise ValueError(
+            f"architectures {config['architectures']} names no LLaVA family class; known: {sorted(_BY_ARCHITECTURE)}"
+        )
+    return _BY_ARCHITECTURE[named[0]] if named else LlavaLlamaForCausalLM
 
 
 def load_original(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LlavaLlamaForCausalLM:
-    """An original-layout (or our own) LLaVA-Llama checkpoint directory -> ``LlavaLlamaForCausalLM``."""
+    """An original-layout (or our own) LLaVA checkpoint directory -> the model of its LLM family."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -31,10 +47,10 @@ def load_original(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     if config.get("model_type") not in ORIGINAL_MODEL_TYPES or "mm_vision_tower" not in config:
         raise ValueError(
             f"{config_file}: model_type {config.get('model_type')!r} without mm_vision_tower is not an "
-            "original LLaVA-Llama checkpoint; for a transformers-native llava dir use "
+            "original LLaVA checkpoint; for a transformers-native llava dir use "
             "llava_train.export.import_hf"
         )
-    model, info = LlavaLlamaForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+    model, info = _model_class(config).from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     bad = info["missing_keys"] or info["unexpected_keys"]
     if bad:
         raise ValueError(
