@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/bench_serve.py [--model-dir runs/demo/hf --template vicuna_v1]
         [--concurrency 1,4,16] [--requests-per-client 2] [--max-tokens 16] [--threads 1]
 
-Two servers of the same model run in this process, one after the other, on loopback ports: the batching
-engine (max_batch_size 16, 10 ms window) and the same engine with max_batch_size 1 (one request at a
-time). Each client thread sends its requests back to back (non-streaming, greedy, one image each) with
-the official openai client. The ratio is each figure over one-at-a-time with 1 client, measured in the
-same run. One intra-op thread by default, as the other CPU benchmarks (on this shared 2-core VM two
+One server runs in this process on a loopback port; its engine batches (max_batch_size 16, 10 ms
+window) or, switched to max_batch_size 1, serves one request at a time. Each client thread sends its
+requests back to back (non-streaming, greedy, one image each) with the official openai client; each
+(clients, mode) is measured ``rounds`` times, interleaved, at least 4 requests a time, and the median
+is reported. The ratio is each median over one-at-a-time with 1 client, measured in the same run. One intra-op thread by default, as the other CPU benchmarks (on this shared 2-core VM two
 threads were 2-4x slower per request). Without --model-dir a tiny random model is built (smollm2 tokenizer, chatml); it rarely emits
 an end-of-turn token, so every reply is max_tokens long, the same work for both servers.
 """
@@ -15,6 +15,7 @@ an end-of-turn token, so every reply is max_tokens long, the same work for both 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import threading
 import time
@@ -86,6 +87,32 @@ def _clients(url: str, concurrency: int, per_client: int, max_tokens: int, model
     return concurrency * per_client / seconds
 
 
+def _measure(generator, concurrency, per_client, max_tokens, rounds) -> tuple[dict, dict]:
+    """{(mode, clients): [req/s per round]} and {(mode, clients): generations in the last round}."""
+    from llava_train.serve.app import BackgroundServer, create_app
+    from llava_train.serve.engine import BatchEngine
+    from llava_train.serve.schema import Limits
+
+    engine = BatchEngine(generator, max_batch_size=max(concurrency), window_s=0.01)
+    rps: dict[tuple[str, int], list[float]] = {}
+    generations: dict[tuple[str, int], int] = {}
+    with BackgroundServer(create_app(engine, "bench", Limits(max_tokens=max_tokens))) as server:
+        _clients(server.url, 1, 1, max_tokens, "bench")  # warm-up
+        for _ in range(rounds):  # interleaved: each round measures every (clients, mode) once
+            for c in concurrency:
+                for mode, batch in MODES.items():
+                    engine.max_batch_size = batch or max(concurrency)  # read when the worker gathers a batch
+                    before = engine.stats()["batches"]
+                    rps.setdefault((mode, c), []).append(
+                        _clients(server.url, c, per_client[c], max_tokens, "bench")
+                    )
+                    generations[(mode, c)] = engine.stats()["batches"] - before
+    return rps, generations
+
+
+MODES = {"one-at-a-time": 1, "batched": None}  # None: as many as the most clients
+
+
 def main(
     model_dir: str | None = None,
     template: str | None = None,
@@ -93,36 +120,36 @@ def main(
     requests_per_client: int = 2,
     max_tokens: int = 16,
     threads: int = 1,
+    rounds: int = 2,
+    min_requests: int = 4,
 ) -> dict:
     import torch
 
-    from llava_train.serve.app import BackgroundServer, create_app
-    from llava_train.serve.engine import BatchEngine
     from llava_train.serve.generator import load_generator
-    from llava_train.serve.schema import Limits
 
+    per_client = {c: max(requests_per_client, -(-min_requests // c)) for c in concurrency}
+    old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        generator = load_generator(str(model_dir or _model_dir(Path(tmp))), template)
-    limits = Limits(max_tokens=max_tokens)
-    rows, baseline = [], None
-    for mode, batch in (("one-at-a-time", 1), ("batched", max(concurrency))):
-        engine = BatchEngine(generator, max_batch_size=batch, window_s=0.01)
-        with BackgroundServer(create_app(engine, "bench", limits)) as server:
-            _clients(server.url, 1, 1, max_tokens, "bench")  # warm-up
-            for c in concurrency:
-                before = engine.stats()["batches"]
-                rps = _clients(server.url, c, requests_per_client, max_tokens, "bench")
-                baseline = baseline or rps  # one-at-a-time, 1 client: the first figure
-                n, generations = c * requests_per_client, engine.stats()["batches"] - before
-                rows.append(dict(mode=mode, clients=c, requests=n, req_per_s=round(rps, 3),
-                                 ratio=round(rps / baseline, 2), generations=generations,
-                                 mean_batch=round(n / generations, 2)))  # fmt: skip
-    print(table(rows, ["mode", "clients", "requests", "req_per_s", "ratio", "generations", "mean_batch"]))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            generator = load_generator(str(model_dir or _model_dir(Path(tmp))), template)
+        rps, generations = _measure(generator, concurrency, per_client, max_tokens, rounds)
+    finally:
+        torch.set_num_threads(old_threads)
+    baseline = statistics.median(rps[("one-at-a-time", concurrency[0])])
+    rows = []
+    for mode in MODES:
+        for c in concurrency:
+            n, med = c * per_client[c], statistics.median(rps[(mode, c)])
+            rows.append(dict(mode=mode, clients=c, requests=n, req_per_s=round(med, 3),
+                             ratio=round(med / baseline, 2), runs=len(rps[(mode, c)]),
+                             mean_batch=round(n / generations[(mode, c)], 2)))  # fmt: skip
+    print(table(rows, ["mode", "clients", "requests", "req_per_s", "ratio", "runs", "mean_batch"]))
     payload = dict(
         model_dir=str(model_dir or "tiny random (smollm2, chatml)"),
         max_tokens=max_tokens,
-        requests_per_client=requests_per_client,
+        threads=threads,
+        rounds=rounds,
         results=rows,
         meta_at_end=machine(),
     )
@@ -138,6 +165,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     main(
         args.model_dir,
@@ -146,4 +174,5 @@ if __name__ == "__main__":
         args.requests_per_client,
         args.max_tokens,
         args.threads,
+        args.rounds,
     )

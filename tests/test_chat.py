@@ -1,7 +1,7 @@
 """The terminal chat: eval's answer on the first turn, streamed, multi-turn, its commands, the real CLI."""
 
-import os
-import subprocess
+import io
+import runpy
 import sys
 from pathlib import Path
 
@@ -79,26 +79,20 @@ def test_terminal_commands_switch_image_reset_and_quit(setup):
     assert next(lines) == "never read"
 
 
-def test_launch_chat_cli_streams_eval_answer(setup):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        str(REPO / "launch" / "chat.py"),
+def test_launch_chat_cli_streams_eval_answer(setup, monkeypatch, capsys):
+    """launch/chat.py as ``python launch/chat.py ...`` runs it (Hydra included), in this process: a
+    subprocess would spend most of its time importing torch again."""
+    argv = [
+        "launch/chat.py",
         f"model_dir={setup['model_dir']}",
         f"image={setup['images'][0]}",
         f"max_tokens={MAX_TOKENS}",
     ]
-    proc = subprocess.run(
-        cmd,
-        input=f"{QUESTIONS[0]}\n/quit\n",
-        cwd=setup["root"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"ASSISTANT: {setup['expected'][0]}\n" in proc.stdout
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTIONS[0]}\n/quit\n"))
+    monkeypatch.chdir(setup["root"])
+    runpy.run_path(str(REPO / "launch" / "chat.py"), run_name="__main__")
+    assert f"ASSISTANT: {setup['expected'][0]}\n" in capsys.readouterr().out
     assert not (setup["root"] / "outputs").exists()  # no Hydra output folder
 
 

@@ -8,7 +8,14 @@ and the server keeps serving.
 import base64
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +25,7 @@ from test_serve_utils import MAX_TOKENS, QUESTIONS, image_message, make_images, 
 from llava_train.eval.questions import read_jsonl, write_jsonl
 from llava_train.eval.run import run_eval
 
+REPO = Path(__file__).resolve().parent.parent
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
@@ -250,3 +258,41 @@ def test_models_and_health(setup):
     health = httpx.get(setup["server"].url + "/health").json()
     assert health["model"] == "tiny" and health["engine"]["batches"] >= 0
     assert setup["server"].host == "127.0.0.1"
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: 20-60 s on the 2-core VM
+def test_launch_serve_cli_binds_loopback_and_answers(setup):
+    """The real entry point: launch/serve.py in a subprocess, on 127.0.0.1 (the default host)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "serve.py"),
+        f"model_dir={setup['model_dir']}",
+        f"port={port}",
+        "max_tokens=4",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=setup["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "launch/serve.py did not come up"
+                time.sleep(0.5)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        assert [m.id for m in client.models.list().data] == ["model"]  # the model directory's name
+        resp = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hi"}])
+        assert resp.usage.completion_tokens <= 5 and resp.choices[0].message.content
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0

@@ -82,7 +82,9 @@ def create_app(engine: BatchEngine, model_name: str, limits: Limits | None = Non
             )
         conversation, max_tokens, params = parse_request(req, limits, background)
         try:
-            item = engine.generator.prepare(conversation, max_tokens)
+            # No max_tokens: the limit, or what the context leaves after the prompt.
+            fit = max_tokens is None
+            item = engine.generator.prepare(conversation, limits.max_tokens if fit else max_tokens, fit)
         except PromptError as err:
             raise APIError(str(err), "messages", err.code) from err
         events: asyncio.Queue = asyncio.Queue()

@@ -162,8 +162,11 @@ class Generator:
         self.background = mean_colour(image_processor)  # transparency is filled as in training
         self.context_length = _context_length(model.config)
 
-    def prepare(self, conversation: Conversation, max_tokens: int) -> Prepared:
-        """The prompt of ``conversation``; PromptError when it does not fit with ``max_tokens`` new tokens."""
+    def prepare(self, conversation: Conversation, max_tokens: int, fit: bool = False) -> Prepared:
+        """The prompt of ``conversation``; PromptError when it does not fit with ``max_tokens`` new tokens.
+
+        ``fit``: ``max_tokens`` is only a default, lowered to what the context leaves.
+        """
         tags = sum(text.count(DEFAULT_IMAGE_TOKEN) for _, text in conversation.turns)
         if tags != len(conversation.images):
             raise PromptError(f"{tags} {DEFAULT_IMAGE_TOKEN} tags for {len(conversation.images)} images")
@@ -177,7 +180,9 @@ class Generator:
         )
         text_tokens = len(tokenizer_image_token(prompt, self.tokenizer)) - len(conversation.images)
         n = text_tokens + sum(self.image_tokens(im.size) for im in conversation.images)
-        if n + max_tokens > self.context_length:
+        if fit:
+            max_tokens = min(max_tokens, self.context_length - n)
+        if max_tokens < 1 or n + max_tokens > self.context_length:
             raise PromptError(
                 f"the prompt is {n} tokens (images included) and max_tokens {max_tokens}: more than the "
                 f"model's context of {self.context_length}; shorten the conversation or lower max_tokens",

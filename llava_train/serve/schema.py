@@ -99,13 +99,12 @@ class Limits:
 
 def parse_request(
     req: ChatCompletionRequest, limits: Limits, background: tuple[int, int, int]
-) -> tuple[Conversation, int, SamplingParams]:
-    """(conversation, max_tokens, sampling) of a request; APIError naming the field on anything wrong."""
+) -> tuple[Conversation, int | None, SamplingParams]:
+    """(conversation, max_tokens or None when not given, sampling); APIError naming the field on anything wrong."""
     if req.n != 1:
         raise APIError(f"n={req.n}: this server returns one choice per request; use n=1", "n")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = limits.max_tokens if max_tokens is None else max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
+    if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
         raise APIError(f"max_tokens must be in [1, {limits.max_tokens}], got {max_tokens}", "max_tokens")
     if not req.messages:
         raise APIError("messages is empty: send at least one user message", "messages")
