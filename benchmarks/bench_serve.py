@@ -1,10 +1,10 @@
 """Serving throughput: requests/s at 1, 4 and 16 concurrent clients, batched against one-at-a-time.
 
     .venv/bin/python benchmarks/bench_serve.py [--model-dir runs/demo/hf --template vicuna_v1]
-        [--concurrency 1,4,16] [--requests-per-client 2] [--max-tokens 16] [--threads 1]
+        [--concurrency 1,4,16] [--requests-per-client 2] [--max-tokens 16] [--threads 1] [--window-ms 10]
 
-One server runs in this process on a loopback port; its engine batches (max_batch_size 16, 10 ms
-window) or, switched to max_batch_size 1, serves one request at a time. Each client thread sends its
+One server runs in this process on a loopback port; its engine batches (max_batch_size 16, a 10 ms
+window as launch/serve.py's default) or, switched to max_batch_size 1, serves one request at a time. Each client thread sends its
 requests back to back (non-streaming, greedy, one image each) with the official openai client; each
 (clients, mode) is measured ``rounds`` times, interleaved, at least 4 requests a time, and the median
 is reported. The ratio is each median over one-at-a-time with 1 client, measured in the same run. One intra-op thread by default, as the other CPU benchmarks (on this shared 2-core VM two
@@ -87,13 +87,13 @@ def _clients(url: str, concurrency: int, per_client: int, max_tokens: int, model
     return concurrency * per_client / seconds
 
 
-def _measure(generator, concurrency, per_client, max_tokens, rounds) -> tuple[dict, dict]:
+def _measure(generator, concurrency, per_client, max_tokens, rounds, window_s) -> tuple[dict, dict]:
     """{(mode, clients): [req/s per round]} and {(mode, clients): generations in the last round}."""
     from llava_train.serve.app import BackgroundServer, create_app
     from llava_train.serve.engine import BatchEngine
     from llava_train.serve.schema import Limits
 
-    engine = BatchEngine(generator, max_batch_size=max(concurrency), window_s=0.01)
+    engine = BatchEngine(generator, max_batch_size=max(concurrency), window_s=window_s)
     rps: dict[tuple[str, int], list[float]] = {}
     generations: dict[tuple[str, int], int] = {}
     with BackgroundServer(create_app(engine, "bench", Limits(max_tokens=max_tokens))) as server:
@@ -122,6 +122,7 @@ def main(
     threads: int = 1,
     rounds: int = 2,
     min_requests: int = 4,
+    window_ms: float = 10.0,
 ) -> dict:
     import torch
 
@@ -133,7 +134,7 @@ def main(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             generator = load_generator(str(model_dir or _model_dir(Path(tmp))), template)
-        rps, generations = _measure(generator, concurrency, per_client, max_tokens, rounds)
+        rps, generations = _measure(generator, concurrency, per_client, max_tokens, rounds, window_ms / 1000)
     finally:
         torch.set_num_threads(old_threads)
     baseline = statistics.median(rps[("one-at-a-time", concurrency[0])])
@@ -150,6 +151,7 @@ def main(
         max_tokens=max_tokens,
         threads=threads,
         rounds=rounds,
+        window_ms=window_ms,
         results=rows,
         meta_at_end=machine(),
     )
@@ -166,6 +168,9 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--window-ms", type=float, default=10.0, help="the batching window (serve's default: 10)"
+    )
     args = parser.parse_args()
     main(
         args.model_dir,
@@ -175,4 +180,5 @@ if __name__ == "__main__":
         args.max_tokens,
         args.threads,
         args.rounds,
+        window_ms=args.window_ms,
     )

@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_train.serve.engine import BatchEngine, Job
-from llava_train.serve.generator import PromptError
+from llava_train.serve.generator import PromptError, Reply
 from llava_train.serve.schema import (
     APIError,
     ChatCompletionRequest,
@@ -97,27 +97,29 @@ def create_app(engine: BatchEngine, model_name: str, limits: Limits | None = Non
                 _sse(job, events, cid, model_name, include_usage), media_type="text/event-stream"
             )
         try:
-            text, reply = await _collect(events)
-        except asyncio.CancelledError:
+            reply = await _reply(events)
+        except asyncio.CancelledError:  # the client went away
             job.cancel()
             raise
         return completion_body(
-            cid, model_name, text, reply.finish_reason, usage(item.prompt_tokens, reply.completion_tokens)
+            cid,
+            model_name,
+            reply.text,
+            reply.finish_reason,
+            usage(item.prompt_tokens, reply.completion_tokens),
         )
 
     return app
 
 
-async def _collect(events: asyncio.Queue) -> tuple[str, Any]:
-    pieces = []
+async def _reply(events: asyncio.Queue) -> Reply:
+    """The finished reply of a non-streamed request (its text pieces are for streaming only)."""
     while True:
         kind, value = await events.get()
-        if kind == "text":
-            pieces.append(value)
-        elif kind == "error":
-            raise APIError(f"generation failed: {value}", None, None, status=500, type="server_error")
-        else:
-            return value.text, value
+        if kind == "error":
+            raise APIError(f"generation failed: {value}", status=500, type="server_error")
+        if kind == "done":
+            return value
 
 
 async def _sse(
