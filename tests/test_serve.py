@@ -17,16 +17,17 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 from test_serve_utils import MAX_TOKENS, QUESTIONS, image_message, make_images, make_model_dir, running_server
 
 from llava_train.eval.questions import read_jsonl, write_jsonl
 from llava_train.eval.run import run_eval
+from llava_train.serve.generator import Conversation, PromptError
 
 REPO = Path(__file__).resolve().parent.parent
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 
@@ -157,7 +158,7 @@ BAD_REQUESTS = {
         "image_too_large",
     ),
     "too many pixels": (
-        {"messages": _image_msg("data:image/png;base64," + _png((5000, 4000)))},
+        {"messages": _image_msg("data:image/png;base64," + _png((1200, 1000)))},
         "image_too_large",
     ),
     "not a data url": ({"messages": _image_msg("data:text/plain;base64,aGk=")}, "invalid_image_url"),
@@ -221,6 +222,15 @@ def test_bad_request_gets_a_4xx_with_an_openai_error_body(setup, case):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["type"] == "invalid_request_error"
     assert expected in f"{error['param']} {error['code']}", error
+
+
+def test_without_max_tokens_the_reply_fits_what_the_context_leaves(setup):
+    generator = setup["server"].engine.generator
+    conversation = Conversation([("user", "word " * 2000)])
+    item = generator.prepare(conversation, 256, fit=True)
+    assert item.max_tokens == generator.context_length - item.prompt_tokens < 256
+    with pytest.raises(PromptError, match="more than the model's context"):
+        generator.prepare(conversation, 256)
 
 
 def test_malformed_json_and_unknown_model_and_path(setup):

@@ -61,7 +61,9 @@ def running_server(model_dir: Path, name: str = "tiny", **engine_kwargs) -> Iter
     from llava_train.serve.generator import load_generator
     from llava_train.serve.schema import Limits
 
-    limits = engine_kwargs.pop("limits", Limits(max_tokens=MAX_TOKENS, max_image_bytes=200_000))
+    limits = engine_kwargs.pop(
+        "limits", Limits(max_tokens=MAX_TOKENS, max_image_bytes=200_000, max_image_pixels=1_000_000)
+    )
     engine = BatchEngine(load_generator(str(model_dir)), **engine_kwargs)
     with BackgroundServer(create_app(engine, name, limits)) as server:
         server.engine = engine
