@@ -247,6 +247,10 @@ def main() -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     summarise(metrics, out)
     print(f"demo wall time {metrics['wall_seconds']:.0f} s")
+    hf, first = out / "hf", json.loads((data / "eval" / "questions.jsonl").read_text().splitlines()[0])
+    image = data / "images" / first["image"]
+    print(f"chat:   python launch/chat.py model_dir={hf} template={TEMPLATE} image={image}")
+    print(f"serve:  python launch/serve.py model_dir={hf} template={TEMPLATE}   # http://127.0.0.1:8000")
 
 
 SINGLE_DIGIT = ("digit", "parity", "compare")

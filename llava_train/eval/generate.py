@@ -96,13 +96,19 @@ def _batch_images(
 ) -> dict:
     """``images`` / ``image_sizes`` generate kwargs of the rows that have an image (none: empty dict)."""
     paths = [q.image for q in batch if q.image is not None]
-    if not paths:
-        return {}
     folder = Path(image_folder) if image_folder is not None else Path()
     background = mean_colour(image_processor)  # transparency filled as in training (LazySupervisedDataset)
-    pil = [load_image(folder / p, background=background) for p in paths]
+    return image_inputs(
+        [load_image(folder / p, background=background) for p in paths], model, image_processor
+    )
+
+
+def image_inputs(images: Sequence[Any], model: Any, image_processor: Any) -> dict:
+    """``images`` / ``image_sizes`` generate kwargs of loaded RGB PIL images in row order (none: {})."""
+    if not images:
+        return {}
     pixels, sizes = process_images(
-        pil,
+        list(images),
         image_processor,
         model.config.image_aspect_ratio,
         getattr(model.config, "image_grid_pinpoints", None),
@@ -126,26 +132,52 @@ def generate_batch(
     """Greedy answers (and prompts) of one batch of questions, with left padding and the KV cache."""
     mm_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
     prompts = [build_prompt(q, template, tokenizer, mm_start_end) for q in batch]
+    stops = stop_token_ids(tokenizer, template)
+    new = generate_tokens(
+        model,
+        tokenizer,
+        prompts,
+        _batch_images(batch, model, image_processor, image_folder),
+        stops,
+        max_new_tokens,
+    )
+    return [decode_reply(row, tokenizer, stops) for row in new], prompts
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    images: dict,
+    stops: Sequence[int],
+    max_new_tokens: int,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """New token ids [b, <= max_new_tokens] of left-padded ``prompts`` (greedy unless told otherwise).
+
+    ``images`` are ``image_inputs``' kwargs; ``generate_kwargs`` go to ``model.generate`` (a streamer,
+    stopping criteria, ``do_sample`` / ``temperature`` / ``top_p`` for sampling).
+    """
     ids, mask = left_pad([tokenizer_image_token(p, tokenizer) for p in prompts], tokenizer.pad_token_id)
     device = model.get_model().embed_tokens.weight.device
-    stops = stop_token_ids(tokenizer, template)
+    settings = {"do_sample": False, "num_beams": 1, **generate_kwargs}
     with padding_side(model, "left"):
         new = model.generate(
             ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
             use_cache=True,
-            eos_token_id=stops,
+            eos_token_id=list(stops),
             pad_token_id=tokenizer.pad_token_id,
-            **_batch_images(batch, model, image_processor, image_folder),
+            **settings,
+            **images,
         )  # [b, <= max_new_tokens], new tokens only
     if new.shape[1] > max_new_tokens:  # the model API returns new tokens only (docs/INTERFACES.md)
         raise RuntimeError(
             f"generate returned {new.shape[1]} > max_new_tokens={max_new_tokens} tokens per row"
         )
-    return [decode_reply(row, tokenizer, stops) for row in new], prompts
+    return new
 
 
 def generate_answers(
