@@ -154,10 +154,16 @@ class FsdpConfig:
 
 @dataclass
 class EvalConfig:
-    """Placeholder for held-out evaluation during training (the eval package owns the metrics)."""
+    """Held-out evaluation during training (llava_train/eval/in_training.py): every ``eval_steps`` steps,
+    batched greedy answers to the question jsonl ``data_path``, scored against ``ground_truth``."""
 
     enabled: bool = False
     data_path: str | None = None
+    ground_truth: str | None = None
+    image_folder: str | None = None  # None: data.image_folder
+    metric: str = (
+        "auto"  # as launch/eval.py: auto | vqa | textvqa | exact | yesno | mc | pope | mme | scienceqa
+    )
     eval_steps: int = 500
     per_device_batch_size: int = 8
     max_new_tokens: int = 64
@@ -301,10 +307,10 @@ def check_consistency(cfg: Config) -> None:
         raise ValueError(
             "model.pretrain_mm_mlp_adapter is set: use stage.pretrain_mm_mlp_adapter instead (the stage loads it)."
         )
-    if cfg.eval.enabled:
-        raise NotImplementedError(
-            "eval during training is not wired into the trainer yet: use eval=none and run launch/eval.py on "
-            "the saved model."
+    if cfg.eval.enabled and (cfg.eval.eval_steps < 1 or cfg.eval.per_device_batch_size < 1):
+        raise ValueError(
+            f"eval.eval_steps ({cfg.eval.eval_steps}) and eval.per_device_batch_size "
+            f"({cfg.eval.per_device_batch_size}) must be positive."
         )
     if cfg.stage.lora.qlora and cfg.stage.name != StageName.finetune_lora:
         raise ValueError("stage.lora.qlora=true only applies to stage=finetune_lora.")
