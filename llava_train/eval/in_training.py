@@ -8,7 +8,7 @@ gathered, and rank 0 writes ``<run_dir>/eval/answers-step<N>.jsonl``, scores it 
 ``eval_<name>`` (wandb shows them as ``eval/<name>``) on every rank, with ``eval_score`` the headline
 number that loss_curve.png marks.
 
-Under ZeRO-3 each forward gathers the sharded weights collectively, so every rank must run the same
+Under ZeRO-3 (and FSDP) each forward gathers the sharded weights collectively, so every rank must run the same
 number of generate calls and steps: the slices are padded to the same length and generation runs with
 ``synced_gpus``; a question file that mixes image and text-only questions is refused there (the vision
 tower would run on some ranks only).
@@ -59,24 +59,25 @@ class InTrainingEval(TrainerCallback):
         batch_size: int = 8,
         max_new_tokens: int = 64,
         metric: str = "auto",
-        zero3: bool = False,
+        sharded_weights: bool = False,
     ):
         if eval_steps < 1:
             raise ValueError(f"eval.eval_steps must be >= 1, got {eval_steps}")
         if not questions:
             raise ValueError("the in-training eval question file is empty")
         with_image = {q.image is not None for q in questions}
-        if zero3 and len(with_image) > 1:
+        if sharded_weights and len(with_image) > 1:
             raise ValueError(
-                "under ZeRO-3 the in-training eval questions must all have an image or all have none (the "
-                "vision tower's sharded weights are gathered by every rank together); split the file"
+                "under ZeRO-3 / FSDP the in-training eval questions must all have an image or all have none "
+                "(the vision tower's sharded weights are gathered by every rank together); split the file"
             )
         self.questions, self.ground_truth, self.metric = questions, ground_truth, metric
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
         self.image_folder, self.run_dir, self.log_fn = image_folder, Path(run_dir), log_fn
         self.eval_steps, self.batch_size, self.max_new_tokens = eval_steps, batch_size, max_new_tokens
-        self.zero3 = zero3
+        self.sharded_weights = sharded_weights
         self.done_steps: set[int] = set()
+        self.answered_here = 0  # questions this rank generated at the last evaluation (its slice)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -105,7 +106,7 @@ class InTrainingEval(TrainerCallback):
         score = headline(result["metric"], result["overall"])
         if score is not None:
             logs["eval_score"] = score
-        logs["eval_seconds"] = round(seconds, 3)
+        logs["eval_seconds"] = result["seconds"]  # rank 0's: every rank logs the same numbers
         self.log_fn(logs)
         return result
 
@@ -113,7 +114,7 @@ class InTrainingEval(TrainerCallback):
         rank, world = dist_rank_world()
         part = self.questions[rank::world]
         n_pad = 0
-        if self.zero3 and world > 1:  # equal slices: every rank runs the same generate calls
+        if self.sharded_weights and world > 1:  # equal slices: every rank runs the same generate calls
             n_pad = math.ceil(len(self.questions) / world) - len(part)
             part = part + [part[-1] if part else self.questions[0]] * n_pad
         records = generate_answers(
@@ -126,9 +127,10 @@ class InTrainingEval(TrainerCallback):
             max_new_tokens=self.max_new_tokens,
             image_folder=self.image_folder,
             model_id="in-training",
-            generate_kwargs={"synced_gpus": True} if self.zero3 and world > 1 else None,
+            generate_kwargs={"synced_gpus": True} if self.sharded_weights and world > 1 else None,
         )
         records = records[: len(records) - n_pad]
+        self.answered_here = len(records)
         if world == 1:
             return records
         gathered: list[list[dict]] = [[] for _ in range(world)]
@@ -155,9 +157,12 @@ def build_in_training_eval(
     """The callback of ``cfg.eval`` (its questions checked now, not at the first eval hours later)."""
     from llava_train.data.config import VisionSpec
     from llava_train.data.image import build_image_processor
+    from llava_train.eval.metrics import METRICS
     from llava_train.train.steps import is_zero3
 
     e = cfg.eval
+    if e.metric not in METRICS:
+        raise ValueError(f"eval.metric={e.metric!r}: choose one of {METRICS}")
     for name, path in (("eval.data_path", e.data_path), ("eval.ground_truth", e.ground_truth)):
         if not path or not Path(path).is_file():
             raise FileNotFoundError(
@@ -188,7 +193,7 @@ def build_in_training_eval(
         batch_size=e.per_device_batch_size,
         max_new_tokens=e.max_new_tokens,
         metric=e.metric,
-        zero3=is_zero3(cfg),
+        sharded_weights=is_zero3(cfg) or cfg.fsdp.enabled,
     )
 
 
