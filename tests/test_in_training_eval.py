@@ -145,7 +145,8 @@ def test_eval_config_errors_name_the_fix(data_json, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize(("zero", "stage"), [("zero2", "finetune_lora"), ("zero3", "finetune")])
 def test_two_process_deepspeed_eval_is_sharded_and_gathered(data_json, tmp_path, zero, stage):
-    """Each rank answers its slice (3 questions: 2 + 1, ZeRO-3 pads to 2 + 2); rank 0 scores the union."""
+    """Each rank answers its slice (3 questions: 2 + 1) one question a batch; under ZeRO-3 rank 1's slice is
+    padded to 2, else rank 0's second generate call would wait forever for rank 1's weight gathers."""
     import os
     import subprocess
 
@@ -160,7 +161,7 @@ def test_two_process_deepspeed_eval_is_sharded_and_gathered(data_json, tmp_path,
         "stage.lora.r=8",
         *tiny_overrides(data_json, run_dir, max_steps=4, save_steps=100, global_batch_size=4),
         "training.per_device_batch_size=2",
-        *eval_overrides(questions, truth),
+        *eval_overrides(questions, truth, per_device_batch_size=1),
     ]
     driver = Path(__file__).resolve().parent / "test_distributed_driver.py"
     repo = str(Path(__file__).resolve().parent.parent)  # this checkout's llava_train, not an installed one
