@@ -16,6 +16,7 @@ tower would run on some ranks only).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -117,18 +118,28 @@ class InTrainingEval(TrainerCallback):
         if self.sharded_weights and world > 1:  # equal slices: every rank runs the same generate calls
             n_pad = math.ceil(len(self.questions) / world) - len(part)
             part = part + [part[-1] if part else self.questions[0]] * n_pad
-        records = generate_answers(
-            model,
-            self.tokenizer,
-            self.image_processor,
-            part,
-            template=self.template,
-            batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens,
-            image_folder=self.image_folder,
-            model_id="in-training",
-            generate_kwargs={"synced_gpus": True} if self.sharded_weights and world > 1 else None,
-        )
+        sync = {"synced_gpus": True} if self.sharded_weights and world > 1 else None
+        # One generate call per batch, each under its own gather (the LLM's forward re-partitions its loose
+        # parameters); under ZeRO-3 every rank runs the same number of calls.
+        order = sorted(range(len(part)), key=lambda i: len(part[i].text))
+        by_index = {}
+        for first in range(0, len(order), self.batch_size):
+            idx = order[first : first + self.batch_size]
+            with _gather_loose_parameters(model):
+                batch = generate_answers(
+                    model,
+                    self.tokenizer,
+                    self.image_processor,
+                    [part[i] for i in idx],
+                    template=self.template,
+                    batch_size=len(idx),
+                    max_new_tokens=self.max_new_tokens,
+                    image_folder=self.image_folder,
+                    model_id="in-training",
+                    generate_kwargs=sync,
+                )
+            by_index.update(zip(idx, batch))
+        records = [by_index[i] for i in range(len(part))]
         records = records[: len(records) - n_pad]
         self.answered_here = len(records)
         if world == 1:
@@ -195,6 +206,19 @@ def build_in_training_eval(
         metric=e.metric,
         sharded_weights=is_zero3(cfg) or cfg.fsdp.enabled,
     )
+
+
+def _gather_loose_parameters(model: Any) -> Any:
+    """Under ZeRO-3, gather the parameters held directly by the model and its LLM (image_newline): the
+    multimodal merge of ``generate`` reads them before any forward of their module, where ZeRO-3 leaves
+    them partitioned (empty). A no-op otherwise."""
+    owners = [model, *([model.get_model()] if hasattr(model, "get_model") else [])]
+    loose = [p for m in owners for p in m.parameters(recurse=False) if getattr(p, "ds_id", None) is not None]
+    if not loose:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(loose)
 
 
 def _broadcast(result: dict | None) -> dict:
