@@ -170,10 +170,16 @@ class FsdpConfig:
 
 @dataclass
 class EvalConfig:
-    """Placeholder for held-out evaluation during training (the eval package owns the metrics)."""
+    """Held-out evaluation during training (llava_train/eval/in_training.py): every ``eval_steps`` steps,
+    batched greedy answers to the question jsonl ``data_path``, scored against ``ground_truth``."""
 
     enabled: bool = False
     data_path: str | None = None
+    ground_truth: str | None = None
+    image_folder: str | None = None  # None: data.image_folder
+    metric: str = (
+        "auto"  # as launch/eval.py: auto | vqa | textvqa | exact | yesno | mc | pope | mme | scienceqa
+    )
     eval_steps: int = 500
     per_device_batch_size: int = 8
     max_new_tokens: int = 64
@@ -325,10 +331,10 @@ def check_consistency(cfg: Config) -> None:
         raise ValueError("Choose DeepSpeed or FSDP, not both: set deepspeed=none or fsdp=none.")
     if cfg.stage.tune_llm is LlmTuning.lora and not cfg.stage.lora.target_modules:
         raise ValueError("stage.lora.target_modules is empty: LoRA would train nothing.")
-    if cfg.eval.enabled:
-        raise NotImplementedError(
-            "eval during training is not wired into the trainer yet: use eval=none and run launch/eval.py on "
-            "the saved model."
+    if cfg.eval.enabled and (cfg.eval.eval_steps < 1 or cfg.eval.per_device_batch_size < 1):
+        raise ValueError(
+            f"eval.eval_steps ({cfg.eval.eval_steps}) and eval.per_device_batch_size "
+            f"({cfg.eval.per_device_batch_size}) must be positive."
         )
     if cfg.stage.lora.qlora and cfg.stage.tune_llm is not LlmTuning.lora:
         raise ValueError("stage.lora.qlora=true only applies to stage=finetune_lora.")

@@ -52,11 +52,6 @@ def test_every_yaml_is_covered_by_a_group():
 def test_every_choice_of_every_group_composes_and_validates(group, no_conversion):
     for choice in _choices(group):
         overrides = [f"{group}={choice}"] if group == "stage" else ["stage=finetune", f"{group}={choice}"]
-        if group == "eval" and choice != "none":
-            cfg = compose_config(_fill_missing(overrides))  # composes; enabling it is refused at validation
-            with pytest.raises(NotImplementedError, match="launch/eval.py"):
-                to_typed(cfg)
-            continue
         typed = to_typed(compose_config(_fill_missing(overrides)))
         assert isinstance(typed, Config)
 

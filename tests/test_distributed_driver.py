@@ -69,6 +69,11 @@ def main() -> None:
         "losses": logged_losses(trainer),
         "checksum": checksum(trainer.model),
         "batches": batches,
+        "eval_logs": [h for h in trainer.state.log_history if "eval_score" in h],  # eval=vqa runs only
+        "eval_answered": next(
+            (cb.answered_here for cb in trainer.callback_handler.callbacks if hasattr(cb, "answered_here")),
+            None,
+        ),
         **built,
     }
     Path(raw.training.run_dir, f"rank{rank}.json").write_text(json.dumps(out))

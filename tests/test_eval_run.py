@@ -14,6 +14,7 @@ from test_train_utils import torchrun
 
 from llava_train.data import load_tokenizer
 from llava_train.eval.metrics import score
+from llava_train.eval.normalize import normalize_textvqa_answer
 from llava_train.eval.questions import read_jsonl, write_jsonl
 from llava_train.eval.run import load_eval_model, resolve_template, run_eval
 from llava_train.model import ModelConfig, build_model
@@ -98,11 +99,17 @@ def test_launch_eval_cli(workdir):
             *(f"{k}={v}" for k, v in p.items()),
             "batch_size=4",
             "max_new_tokens=4",
+            f"submission_file={workdir / 'cli' / 'upload.json'}",
         ],
         workdir,
     )
     metrics = json.loads((workdir / "cli" / "answers.metrics.json").read_text())
     assert metrics["overall"]["n"] == N_QUESTIONS and metrics["template"] == "chatml"
+    upload = json.loads((workdir / "cli" / "upload.json").read_text())
+    answers = read_jsonl(p["answers_file"])
+    assert upload == [
+        {"question_id": a["question_id"], "answer": normalize_textvqa_answer(a["text"])} for a in answers
+    ]
     assert not (workdir / "outputs").exists()  # no Hydra output folder
 
 

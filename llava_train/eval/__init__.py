@@ -5,7 +5,7 @@
 import them on their own so that scoring stays light.
 """
 
-from llava_train.eval.metrics import score, score_records, vqa_accuracy, yes_no_metrics
+from llava_train.eval.metrics import score, score_records, textvqa_accuracy, vqa_accuracy, yes_no_metrics
 from llava_train.eval.normalize import normalize_vqa_answer
 from llava_train.eval.questions import Question, load_answers, load_ground_truth, load_questions
 
@@ -17,6 +17,7 @@ __all__ = [
     "normalize_vqa_answer",
     "score",
     "score_records",
+    "textvqa_accuracy",
     "vqa_accuracy",
     "yes_no_metrics",
 ]

@@ -128,8 +128,11 @@ def generate_batch(
     template: Template,
     max_new_tokens: int,
     image_folder: str | Path | None = None,
+    generate_kwargs: dict | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Greedy answers (and prompts) of one batch of questions, with left padding and the KV cache."""
+    """Greedy answers (and prompts) of one batch of questions, with left padding and the KV cache.
+
+    ``generate_kwargs`` go to ``model.generate`` too (e.g. ``synced_gpus`` under ZeRO-3)."""
     mm_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
     prompts = [build_prompt(q, template, tokenizer, mm_start_end) for q in batch]
     stops = stop_token_ids(tokenizer, template)
@@ -140,6 +143,7 @@ def generate_batch(
         _batch_images(batch, model, image_processor, image_folder),
         stops,
         max_new_tokens,
+        **(generate_kwargs or {}),
     )
     return [decode_reply(row, tokenizer, stops) for row in new], prompts
 
@@ -190,6 +194,7 @@ def generate_answers(
     max_new_tokens: int = 32,
     image_folder: str | Path | None = None,
     model_id: str = "llava",
+    generate_kwargs: dict | None = None,
 ) -> list[dict]:
     """Answer records (LLaVA answers-jsonl format) for ``questions``, in their order.
 
@@ -211,7 +216,7 @@ def generate_answers(
         idx = order[start : start + batch_size]
         batch = [questions[i] for i in idx]
         texts, prompts = generate_batch(
-            model, tokenizer, image_processor, batch, template, max_new_tokens, image_folder
+            model, tokenizer, image_processor, batch, template, max_new_tokens, image_folder, generate_kwargs
         )
         for i, q, prompt, text in zip(idx, batch, prompts, texts):
             records[i] = make_answer_record(q, prompt, text, model_id, {"template": template.name})

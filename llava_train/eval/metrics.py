@@ -1,9 +1,10 @@
-"""Answer scoring: VQA soft accuracy, exact match, POPE yes/no metrics, multiple-choice letters.
+"""Answer scoring: VQA / TextVQA soft accuracy, exact match, POPE yes/no metrics, multiple-choice letters.
 
 Every scorer takes predicted strings and ground-truth answers and returns plain floats in [0, 1],
 so the numbers can be written to a metrics JSON as they are. ``score`` reads the answers and
 ground-truth jsonl files (formats in ``llava_train.eval.questions``), picks the metric, and returns
-``{"metric", "overall", "per_category"}``.
+``{"metric", "overall", "per_category"}``; the benchmark metrics (pope, mme, scienceqa) are computed in
+``llava_train.eval.benchmarks`` and add their own keys (docs/EVALUATION.md).
 
 Deviation from the official VQA script, on purpose: it normalises the prediction and the human
 answers only when the humans disagree; here both are always normalised, which is what LLaVA's
@@ -15,9 +16,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava_train.eval.normalize import normalize_vqa_answer
+from llava_train.eval.normalize import normalize_textvqa_answer, normalize_vqa_answer
 
-METRICS = ("auto", "vqa", "exact", "yesno", "mc")
+METRICS = ("auto", "vqa", "textvqa", "exact", "yesno", "mc", "pope", "mme", "scienceqa")
 
 # Number of humans that must agree with a prediction for full credit in VQA accuracy.
 _VQA_AGREEMENT = 3.0
@@ -49,6 +50,24 @@ def vqa_accuracy(prediction: str, answers: str | Sequence[str]) -> float:
     return sum(subset_accs) / len(subset_accs)
 
 
+def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA soft accuracy as LLaVA's eval_textvqa.py (m4c ``TextVQAAccuracyEvaluator``) computes it.
+
+    Prediction and human answers go through ``normalize_textvqa_answer`` (EvalAI's processor); the score
+    is the mean over the leave-one-out subsets of min(1, #matches / 3). TextVQA has 10 answers per
+    question (the original asserts it); any number from 2 up is accepted here.
+    """
+    if isinstance(answers, str) or len(answers) < 2:
+        raise ValueError(
+            f"textvqa_accuracy needs the list of human answers (10 in TextVQA), got {answers!r}; "
+            "use metric='exact' for a single reference answer"
+        )
+    pred = normalize_textvqa_answer(prediction)
+    matches = [normalize_textvqa_answer(a) == pred for a in answers]
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / _VQA_AGREEMENT) for m in matches) / len(matches)
+
+
 def yes_no(text: str) -> str:
     """Map a free-form answer to "yes" or "no" as POPE's evaluation does.
 
@@ -61,10 +80,11 @@ def yes_no(text: str) -> str:
 
 
 def yes_no_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
-    """POPE metrics with "yes" as the positive class: accuracy, precision, recall, f1, yes_ratio.
+    """POPE metrics with "yes" as the positive class: tp / fp / tn / fn, accuracy, precision, recall, f1,
+    yes_ratio (eval_pope.py's numbers).
 
     Ground-truth answers must be "yes" or "no" (any case); predictions are mapped with ``yes_no``.
-    Precision / recall / f1 with a zero denominator are reported as 0.0.
+    Precision / recall / f1 with a zero denominator are reported as 0.0 (the original raises).
     """
     _check_same_length(predictions, answers)
     labels = [_yes_no_label(a) for a in answers]
@@ -76,6 +96,10 @@ def yes_no_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[s
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
     return {
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
         "accuracy": _ratio(tp + tn, len(preds)),
         "precision": precision,
         "recall": recall,
@@ -85,32 +109,46 @@ def yes_no_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[s
     }
 
 
-# Ordered from the most to the least specific; each captures the option letter in group 1.
-_LETTER_PATTERNS = [
+# eval_science_qa.py's rules, in its order: the whole text is a letter A-E; the text starts with
+# "X. "; exactly one "The answer is X" followed by any character. Its options are A-E only.
+_STRICT_OPTIONS = ("A", "B", "C", "D", "E")
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+# Forms the original does not parse, tried only where it fails; each captures the letter in group 1.
+_LENIENT_PATTERNS = [
     re.compile(r"^\(?([A-Z])\)?[.:]?$"),  # "A", "(A)", "A.", "A)"
     re.compile(r"^\(?([A-Z])[.:)]\s"),  # "A. cat", "(A) cat", "A) cat", "A: cat"
-    re.compile(r"(?i:answer is):?\s*\(?([A-Z])\b"),  # "The answer is A", "answer is (B)."
+    re.compile(r"(?i:answer is):?\s*\(?([A-Z])\b"),  # "the answer is A", "answer is (B)", two answers
     re.compile(r"^(?i:answer):\s*\(?([A-Z])\b"),  # "Answer: C"
 ]
 
 
-def extract_choice_letter(text: str, num_options: int | None = None) -> str | None:
+def scienceqa_choice_letter(text: str) -> str | None:
+    """The letter eval_science_qa.py parses from a prediction, or None where it reports FAILED."""
+    if text in _STRICT_OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in _STRICT_OPTIONS and text[1:3] == ". ":
+        return text[0]
+    found = _ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else None
+
+
+def extract_choice_letter(text: str, num_options: int | None = None, strict: bool = False) -> str | None:
     """Extract the option letter of a multiple-choice answer, or None when there is none.
 
-    Accepts "A", "(A)", "A.", "A. cat", "(A) cat", "The answer is A", "Answer: (A)". Only upper-case
-    letters count (a lower-case "a" is an article). With ``num_options``, letters past the last option
-    are rejected.
+    First eval_science_qa.py's rules (``scienceqa_choice_letter``), so "(B) cat. The answer is A." is A
+    as there. Unless ``strict``, where they fail: "(A)", "A.", "A)", "(A) cat", "A) cat", "A: cat",
+    "the answer is (A)", "Answer: A" (on the stripped text). Only upper-case letters count (a lower-case
+    "a" is an article). With ``num_options``, letters past the last option are rejected.
     """
-    text = text.strip()
-    for pattern in _LETTER_PATTERNS:
-        found = pattern.search(text)
-        if found is None:
-            continue
-        letter = found.group(1)
-        if num_options is not None and ord(letter) - ord("A") >= num_options:
-            return None
-        return letter
-    return None
+    letter = scienceqa_choice_letter(text)
+    if letter is None and not strict:
+        stripped = text.strip()
+        found = next((m for m in (p.search(stripped) for p in _LENIENT_PATTERNS) if m is not None), None)
+        letter = found.group(1) if found is not None else None
+    if letter is not None and num_options is not None and ord(letter) - ord("A") >= num_options:
+        return None
+    return letter
 
 
 def choice_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
@@ -126,26 +164,28 @@ def choice_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> dict[
 
 
 def mean_accuracy(predictions: Sequence[str], answers: Sequence, metric: str) -> dict[str, float]:
-    """Mean of the per-question "vqa" (soft accuracy) or "exact" scores."""
+    """Mean of the per-question "vqa" / "textvqa" (soft accuracy) or "exact" scores."""
     _check_same_length(predictions, answers)
     if metric == "vqa":
         scores = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
+    elif metric == "textvqa":
+        scores = [textvqa_accuracy(p, a) for p, a in zip(predictions, answers)]
     elif metric == "exact":
         scores = [exact_match(p, _single_answer(a)) for p, a in zip(predictions, answers)]
     else:
-        raise ValueError(f"mean_accuracy handles 'vqa' and 'exact', not {metric!r}")
+        raise ValueError(f"mean_accuracy handles 'vqa', 'textvqa' and 'exact', not {metric!r}")
     return {"accuracy": _ratio(sum(scores), len(scores)), "n": len(scores)}
 
 
 def compute_metrics(predictions: Sequence[str], answers: Sequence, metric: str) -> dict[str, float]:
-    """Dispatch to the scorer of ``metric`` ("vqa", "exact", "yesno", "mc")."""
-    if metric in ("vqa", "exact"):
+    """Dispatch to the scorer of ``metric`` ("vqa", "textvqa", "exact", "yesno", "mc")."""
+    if metric in ("vqa", "textvqa", "exact"):
         return mean_accuracy(predictions, answers, metric)
     if metric == "yesno":
         return yes_no_metrics(predictions, answers)
     if metric == "mc":
         return choice_accuracy(predictions, answers)
-    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    raise ValueError(f"unknown metric {metric!r}; per question: vqa, textvqa, exact, yesno or mc")
 
 
 def detect_metric(answers: Sequence) -> str:
@@ -184,11 +224,22 @@ def score_records(
 
 
 def score(answers_jsonl: str | Path, ground_truth_jsonl: str | Path, metric: str = "auto") -> dict:
-    """Score an answers jsonl against a ground-truth jsonl; returns ``metric``, ``overall``, ``per_category``."""
+    """Score an answers jsonl against a ground-truth jsonl; returns ``metric``, ``overall``, ``per_category``.
+
+    pope / mme / scienceqa read the extra ground-truth keys of their benchmark (docs/EVALUATION.md).
+    """
     from llava_train.eval.questions import load_answers, load_ground_truth
 
-    predictions = {qid: rec["text"] for qid, rec in load_answers(answers_jsonl).items()}
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    records = load_answers(answers_jsonl)
+    predictions = {qid: rec["text"] for qid, rec in records.items()}
     truth = load_ground_truth(ground_truth_jsonl)
+    if metric in ("pope", "mme", "scienceqa"):
+        from llava_train.eval import benchmarks
+
+        _check_same_ids(predictions, truth)
+        return benchmarks.BENCHMARKS[metric](records, truth)
     answers = {qid: rec["answer"] for qid, rec in truth.items()}
     categories = {qid: rec.get("category") for qid, rec in truth.items()}
     return score_records(predictions, answers, categories, metric)

@@ -131,3 +131,17 @@ def process_digits_articles(text: str) -> str:
 def normalize_vqa_answer(text: str) -> str:
     """Normalise one answer with the full official VQAv2 pipeline (whitespace, punctuation, words)."""
     return process_digits_articles(process_punctuation(clean_whitespace(text)))
+
+
+def textvqa_word_tokenize(text: str) -> str:
+    """EvalAI's first step (m4c ``word_tokenize``): lower case, commas and "?" removed, "'s" split off."""
+    return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+
+
+def normalize_textvqa_answer(text: str) -> str:
+    """EvalAI's answer processor, as LLaVA's m4c_evaluator applies it for TextVQA and the VQAv2 submission.
+
+    ``textvqa_word_tokenize``, then the VQA pipeline above. With the commas gone, the "comma between
+    digits" switch of the punctuation pass never fires (EvalAI's pattern differs, with the same effect).
+    """
+    return normalize_vqa_answer(textvqa_word_tokenize(text))

@@ -43,11 +43,15 @@ class EvalRunConfig:
     batch_size: int = 8
     max_new_tokens: int = 32
     tokenizer: str | None = None  # None: the tokenizer saved in model_dir
-    metric: str = "auto"  # auto | vqa | exact | yesno | mc
+    metric: str = "auto"  # auto | vqa | textvqa | exact | yesno | mc | pope | mme | scienceqa
     metrics_file: str | None = None  # None: <answers_file stem>.metrics.json
     dtype: str = "float32"
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     model_id: str | None = None  # None: the model directory's name
+    # VQAv2 test-dev upload ([{question_id, answer}], EvalAI-normalised); its ids are those of
+    # submission_question_file (the whole test2015 question file for the server; None: question_file).
+    submission_file: str | None = None
+    submission_question_file: str | None = None
 
 
 def register_eval_config(name: str = "llava_eval") -> None:
@@ -146,6 +150,8 @@ def run_eval(
     dtype: str = "float32",
     device: str | None = None,
     model_id: str | None = None,
+    submission_file: str | None = None,
+    submission_question_file: str | None = None,
 ) -> dict | None:
     """Generate answers for ``question_file``, write them, score them; returns the metrics (rank 0, else None).
 
@@ -179,6 +185,11 @@ def run_eval(
     metrics = {"overall": None, "per_category": None}
     if ground_truth:
         metrics = score(answers_file, ground_truth, metric)
+    if submission_file:
+        from llava_train.eval.benchmarks import write_vqav2_submission
+
+        write_vqav2_submission(answers_file, submission_question_file or question_file, submission_file)
+        metrics["submission_file"] = str(submission_file)
     metrics.update(
         n_questions=len(questions),
         world_size=dist_rank_world()[1],

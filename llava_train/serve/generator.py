@@ -158,7 +158,7 @@ class Generator:
         self.mm_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
         check_template_tokens(self.template, tokenizer, self.mm_start_end)
         self.stops = stop_token_ids(tokenizer, self.template)
-        self.vision = VisionSpec.from_model_config(model.config)
+        self.vision = VisionSpec.from_model(model)
         self.background = mean_colour(image_processor)  # transparency is filled as in training
         self.context_length = _context_length(model.config)
 
@@ -194,9 +194,9 @@ class Generator:
         """Feature tokens the model inserts for one image of PIL ``size`` (w, h)."""
         return num_image_tokens(
             size,
-            image_aspect_ratio=self.model.config.image_aspect_ratio,
+            image_aspect_ratio=self.vision.image_aspect_ratio,
             mm_patch_merge_type=self.vision.mm_patch_merge_type,
-            image_grid_pinpoints=getattr(self.model.config, "image_grid_pinpoints", None),
+            image_grid_pinpoints=self.vision.image_grid_pinpoints,
             crop_size=self.vision.crop_size,
             patches_per_side=self.vision.patches_per_side,
             cls_token=self.vision.cls_token,

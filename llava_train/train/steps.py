@@ -5,7 +5,7 @@
 3 build_model      llava_train.model.build_model(cfg.model, tokenizer)
 4 apply_stage      llava_train.train.stages.apply_stage(model, cfg.stage)
 5 build_data       dataset + collator, with the model's image geometry (VisionSpec.from_model)
-6 build_trainer    TrainingArguments + LlavaTrainer
+6 build_trainer    TrainingArguments + LlavaTrainer (+ the in-training eval callback of eval=vqa)
 7 train            resume from the latest complete checkpoint when training.resume
 8 save_final       stage weights into run_dir, loss_curve.png
 """
@@ -127,7 +127,7 @@ def build_trainer(cfg: Config, model: Any, tokenizer: Any, dataset: Any, collato
     if cfg.training.gradient_checkpointing:
         # Frozen embeddings give the first checkpointed block no input that requires grad.
         model.enable_input_require_grads()
-    return LlavaTrainer(
+    trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -135,6 +135,11 @@ def build_trainer(cfg: Config, model: Any, tokenizer: Any, dataset: Any, collato
         processing_class=tokenizer,
         llava_cfg=cfg,
     )
+    if cfg.eval.enabled:  # held-out generation every eval.eval_steps, logged through the Trainer
+        from llava_train.eval.in_training import build_in_training_eval
+
+        trainer.add_callback(build_in_training_eval(cfg, model, tokenizer, log_fn=trainer.log))
+    return trainer
 
 
 def train(trainer: LlavaTrainer, cfg: Config) -> Any:
@@ -166,7 +171,8 @@ def check_disk_space(trainer: LlavaTrainer, cfg: Config) -> None:
 
 
 def save_final(trainer: LlavaTrainer, cfg: Config) -> Path:
-    """Stage weights into run_dir (mm_projector.safetensors / adapter + non-LoRA / full model), loss curve."""
+    """Stage weights into run_dir (mm_projector.safetensors / adapter + non-LoRA / full model), loss curve
+    (with the in-training eval scores marked)."""
     run_dir = Path(cfg.training.run_dir)
     trainer.save_model(str(run_dir))  # collective under ZeRO-3: every rank calls it
     if trainer.args.should_save:

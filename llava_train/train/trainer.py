@@ -352,9 +352,11 @@ def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 
 def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | None:
-    """Training loss per logged step as a PNG (matplotlib Agg); None when nothing was logged."""
+    """Training loss per logged step as a PNG (matplotlib Agg), the held-out ``eval_score`` of the in-training
+    eval marked on a second axis; None when nothing was logged."""
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    if not points:
+    evals = [(h["step"], h["eval_score"]) for h in log_history if "eval_score" in h and "step" in h]
+    if not points and not evals:
         return None
     import matplotlib
 
@@ -362,10 +364,19 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*points), marker=".")
+    if points:
+        ax.plot(*zip(*points), marker=".")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
+    if evals:
+        scores = ax.twinx()
+        scores.plot(*zip(*evals), marker="s", linestyle="--", color="tab:orange")
+        for step, value in evals:
+            scores.annotate(
+                f"{value:.3g}", (step, value), textcoords="offset points", xytext=(0, 6), ha="center"
+            )
+        scores.set_ylabel("held-out eval score", color="tab:orange")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
