@@ -75,6 +75,7 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
         return_dict: bool | None = None,
         cache: Any = None,
         seq_ids: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> Any:
         """Merge images into the text, then the family's decoder forward.
@@ -84,7 +85,8 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
         ``seq_ids`` [b, s] (packed rows, data/packing.py: sample index per token, 0 = padding) replaces
         attention_mask / position_ids: positions restart per sample and no token attends across samples.
         In training mode with labels, logits are computed only where a label is supervised (see
-        :meth:`_supervised_loss`) and the output's ``logits`` is None; eval mode returns full logits.
+        :meth:`_supervised_loss`) and the output's ``logits`` is None; eval mode returns full logits, or
+        the last ``logits_to_keep`` positions' (generate asks for 1 at prefill, as transformers' LMs do).
         """
         cache = cache if cache is not None else past_key_values
         if seq_ids is not None and inputs_embeds is not None:
@@ -129,6 +131,7 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             **kwargs,
         )
 
