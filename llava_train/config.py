@@ -98,6 +98,9 @@ class TrainingConfig:
     seed: int = 42
     # Continue from the latest COMPLETE checkpoint under run_dir (partial ones are reported and skipped).
     resume: bool = False
+    # Train into a run_dir that holds an earlier run (its config.yaml, checkpoints) from scratch, deleting its
+    # checkpoints. Without it (or resume) such a run_dir is refused.
+    overwrite: bool = False
 
     learning_rate: float = 2e-5
     mm_projector_lr: float | None = None

@@ -49,6 +49,9 @@ class EvalRunConfig:
     dtype: str = "float32"
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     model_id: str | None = None  # None: the model directory's name
+    # strict: a bad question (image path outside image_folder, missing / unreadable image) stops the run,
+    # naming its question_id (answers so far are kept and resumed); skip: an empty answer, counted
+    bad_record_policy: str = "strict"
 
 
 def register_eval_config(name: str = "llava_eval") -> None:
@@ -147,6 +150,7 @@ def run_eval(
     dtype: str = "float32",
     device: str | None = None,
     model_id: str | None = None,
+    bad_record_policy: str = "strict",
 ) -> dict | None:
     """Generate answers for ``question_file``, write them, score them; returns the metrics (rank 0, else None).
 
@@ -173,6 +177,7 @@ def run_eval(
         max_new_tokens=max_new_tokens,
         image_folder=image_folder,
         model_id=model_id or Path(model_dir).resolve().name,
+        bad_record_policy=bad_record_policy,
     )
     seconds = time.perf_counter() - start
     if records is None:  # not rank 0
@@ -180,8 +185,15 @@ def run_eval(
     metrics = {"overall": None, "per_category": None}
     if ground_truth:
         metrics = score(answers_file, ground_truth, metric)
+    skipped = [r["question_id"] for r in records if r["metadata"].get("skipped")]
+    if skipped:
+        logger.warning(
+            "%d bad questions skipped (empty answers, scored as wrong): %s", len(skipped), skipped[:10]
+        )
     metrics.update(
         n_questions=len(questions),
+        n_skipped=len(skipped),
+        skipped_question_ids=skipped,
         world_size=dist_rank_world()[1],
         generation_seconds=round(seconds, 3),
         answers_file=str(answers_file),

@@ -44,6 +44,7 @@ def setup_run(cfg: Config, raw: DictConfig) -> Path:
     run_dir = Path(cfg.training.run_dir)
     faults.check_writable(run_dir)  # now, not at the first save hours later
     if is_main_process():
+        faults.check_run_dir_reuse(run_dir, cfg.training.resume, cfg.training.overwrite)
         OmegaConf.save(raw, run_dir / "config.yaml", resolve=True)
     logger.info("run dir %s (world size %s)", run_dir.resolve(), os.environ.get("WORLD_SIZE", "1"))
     return run_dir
@@ -169,24 +170,39 @@ def train(trainer: LlavaTrainer, cfg: Config) -> Any:
     """trainer.train(), resuming from the latest complete checkpoint when training.resume is set."""
     resume = None
     if cfg.training.resume:
-        resume = ckpt.latest_complete_checkpoint(cfg.training.run_dir)
-        if resume is None:
-            logger.warning(
-                "training.resume=true but %s has no complete checkpoint: starting fresh", cfg.training.run_dir
-            )
-        else:
-            logger.info("resuming from %s", resume)
+        resume = resume_checkpoint(cfg.training.run_dir)
     if cfg.training.check_disk_space:
         check_disk_space(trainer, cfg)
     return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
 
+def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint training.resume=true continues from: the newest complete one. A run dir with no
+    checkpoint at all starts fresh (the first launch of a job that always passes resume=true); one with only
+    partial checkpoints is an error naming them, since starting over there would throw their steps away."""
+    complete, partial = ckpt.checkpoints(run_dir)
+    if complete:
+        resume = ckpt.latest_complete_checkpoint(run_dir)
+        logger.info("resuming from %s", resume)
+        return resume
+    if partial:
+        why = "; ".join(f"{p.name}: {', '.join(ckpt.checkpoint_problems(p))}" for p in partial)
+        raise FileNotFoundError(
+            f"training.resume=true but {run_dir} has no complete checkpoint, only partial ones ({why}). "
+            "Nothing can be resumed: start over with training.resume=false training.overwrite=true "
+            "(deletes them)."
+        )
+    logger.warning("training.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
+    return None
+
+
 def check_disk_space(trainer: LlavaTrainer, cfg: Config) -> None:
     """Fail before training when run_dir's disk cannot hold one more checkpoint."""
     full = StageName(cfg.stage.name) == StageName.finetune
-    needed = faults.checkpoint_bytes(
-        trainer.model, full_model=full, deepspeed=bool(cfg.deepspeed.config_file)
+    needed = faults.estimate_checkpoint_bytes(
+        trainer.model, trainer.processing_class, full_model=full, deepspeed=bool(cfg.deepspeed.config_file)
     )
+    trainer.checkpoint_estimate = needed  # for the message if a save still runs out of space
     faults.check_free_space(cfg.training.run_dir, needed)
     logger.info(
         "one checkpoint needs about %.1f MiB: enough free space in %s", needed / 2**20, cfg.training.run_dir

@@ -23,6 +23,7 @@ over the attended positions, minus each row's first attended position. (Trainer 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -164,6 +165,7 @@ class LlavaTrainer(Trainer):
         self.nonfinite = faults.NonFiniteGuard(llava_cfg.training.max_nonfinite_steps)
         self.graceful_stop = faults.GracefulStop()
         self.bad_record_counts: dict[str, int] = {}  # as of the last batch trained on (checkpointed)
+        self.checkpoint_estimate: int | None = None  # bytes of one checkpoint (steps.check_disk_space)
         dataset = kwargs.get("train_dataset")
         if hasattr(dataset, "bad_record_stats") and kwargs.get("data_collator") is not None:
             kwargs["data_collator"] = faults.CountingCollator(kwargs["data_collator"], dataset)
@@ -174,7 +176,7 @@ class LlavaTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """Trainer.train with the signal handlers installed for its duration and the fault state restored."""
         if resume_from_checkpoint:
-            problems = ckpt.checkpoint_problems(resume_from_checkpoint)
+            problems = ckpt.verify_checkpoint(resume_from_checkpoint)  # sizes, then content hashes
             if problems:
                 raise ValueError(
                     f"refusing to resume from {resume_from_checkpoint}: {'; '.join(problems)}. "
@@ -191,6 +193,25 @@ class LlavaTrainer(Trainer):
         if self.graceful_stop.signum:
             self._stop_for_signal(self.graceful_stop.signum)
         return result
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        # DeepSpeed's own checkpoint engine unpickles with weights_only=False: build the engine without
+        # loading, give it the safe loader, then load as the Trainer would (safe_load.py).
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+        from transformers.trainer import _is_peft_model
+
+        from llava_train.train.safe_load import use_safe_checkpoint_engine
+
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        use_safe_checkpoint_engine(self.model_wrapped)
+        deepspeed_load_checkpoint(
+            self.model_wrapped, resume_from_checkpoint, load_module_strict=not _is_peft_model(self.model)
+        )
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
 
     def _stop_for_signal(self, signum: int) -> None:
         step = self.state.global_step
@@ -276,6 +297,21 @@ class LlavaTrainer(Trainer):
         return staging if staging is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        try:
+            self._save_checkpoint_staged(model, trial)
+        except Exception as e:
+            if not faults.is_disk_full(e):
+                raise
+            # Nothing of this save may look like a checkpoint, nor push a complete one out by rotation.
+            staging = Path(self.args.output_dir) / ckpt.STAGING_DIR
+            shutil.rmtree(staging / f"checkpoint-{self.state.global_step}", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                staging.rmdir()
+            error = faults.disk_full_error(self.args.output_dir, self.checkpoint_estimate, e)
+            logger.error(str(error))
+            raise error from e
+
+    def _save_checkpoint_staged(self, model, trial) -> None:
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         self._staging_parent = str(run_dir / ckpt.STAGING_DIR)
