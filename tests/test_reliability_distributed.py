@@ -22,7 +22,11 @@ from test_train_utils import make_colour_dataset, tiny_overrides, torchrun
 from llava_train.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
-STATES = "global_step2/mp_rank_00_model_states.pt"
+# The model states file of each ZeRO stage (read first on resume).
+STATES = {
+    "zero2": "global_step2/mp_rank_00_model_states.pt",
+    "zero3": "global_step2/zero_pp_rank_0_mp_rank_00_model_states.pt",
+}
 
 
 def _launch(run_dir: Path, data_json: Path, zero: str, max_steps: int, *extra: str):
@@ -44,20 +48,24 @@ def _launch(run_dir: Path, data_json: Path, zero: str, max_steps: int, *extra: s
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_resume_is_safe_and_a_planted_pickle_runs_nothing(tmp_path, zero):
     data_json = make_colour_dataset(tmp_path / "colours", n=16)
-    first = _launch(tmp_path / "run", data_json, zero, 2)
+    first = _launch(tmp_path / "run", data_json, zero, 2)  # checkpoint-2
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     planted = tmp_path / "planted"
     shutil.copytree(tmp_path / "run", planted)
 
     resumed = _launch(tmp_path / "run", data_json, zero, 3, "training.resume=true")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    losses = json.loads((tmp_path / "run" / "rank0.json").read_text())["losses"]
-    assert sorted(int(s) for s in losses) == [3], losses  # steps 1-2 came from the checkpoint
+    # rc 0: every DeepSpeed state loaded through the safe engine (a type missing from the allowlist fails)
+    assert sorted(int(s) for s in json.loads((tmp_path / "run" / "rank0.json").read_text())["losses"]) == [
+        1,
+        2,
+        3,
+    ]
 
     marker = tmp_path / "code_ran"
-    target = planted / "checkpoint-2" / STATES
+    target = planted / "checkpoint-2" / STATES[zero]
     torch.save({"module": {}, "dp_world_size": 1, "x": Planted(marker)}, target)
-    _rewrite_manifest(planted / "checkpoint-2", STATES)
+    _rewrite_manifest(planted / "checkpoint-2", STATES[zero])
     assert not ckpt.verify_checkpoint(
         planted / "checkpoint-2"
     )  # the manifest does not stop it: the loader must

@@ -29,6 +29,8 @@ from llava_train.train.trainer import LlavaTrainer, build_training_args, plot_lo
 
 logger = logging.getLogger(__name__)
 
+RANDOM_BASE_DIR = "base_model"  # run_dir/base_model: the random LLM a LoRA run started from (merge's base)
+
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
@@ -43,11 +45,67 @@ def setup_run(cfg: Config, raw: DictConfig) -> Path:
     set_seed(cfg.training.seed)
     run_dir = Path(cfg.training.run_dir)
     faults.check_writable(run_dir)  # now, not at the first save hours later
+    check_model_paths(cfg)
+    check_record_files(cfg)  # a malformed line fails now, not after the model is built
     if is_main_process():
         faults.check_run_dir_reuse(run_dir, cfg.training.resume, cfg.training.overwrite)
         OmegaConf.save(raw, run_dir / "config.yaml", resolve=True)
     logger.info("run dir %s (world size %s)", run_dir.resolve(), os.environ.get("WORLD_SIZE", "1"))
     return run_dir
+
+
+def check_model_paths(cfg: Config) -> None:
+    """model.llm_path is a local directory (nothing is downloaded): say so when it does not exist, instead of
+    the hub client's "Repo id must be in the form ..." the tokenizer and from_pretrained would give."""
+    path = cfg.model.llm_path
+    if path is not None and not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"model.llm_path={path!r} does not exist{' (it is a file)' if Path(path).exists() else ''}: it "
+            "must be a local directory of a Llama-family checkpoint (config.json + weights); models are never "
+            "downloaded. Fix the path, or model.llm_path=null for a random LLM of the preset's sizes."
+        )
+
+
+def save_random_base(cfg: Config, model: Any, tokenizer: Any) -> Path | None:
+    """A LoRA run on a random LLM (model.llm_path=null) saves that base into run_dir/base_model before the
+    stage is applied: merging the adapter needs the exact frozen weights, which nothing else holds. Rank 0."""
+    if cfg.stage.tune_llm != "lora" or cfg.model.llm_path is not None or not is_main_process():
+        return None
+    out = Path(cfg.training.run_dir) / RANDOM_BASE_DIR
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    logger.info("random base LLM saved to %s: merge with op=merge model_dir=%s", out, out)
+    return out
+
+
+def log_bad_record_totals(trainer: LlavaTrainer, cfg: Config) -> dict[str, int]:
+    """The end-of-run totals of what data.bad_record_policy=skip skipped or truncated (as checkpointed)."""
+    totals = dict(trainer.bad_record_counts)
+    if cfg.data.bad_record_policy == "skip" or totals:
+        logger.warning(
+            "bad records in this run: %s. A bad record is counted each time the sampler draws it (once per "
+            "epoch), a malformed line once; per checkpoint in %s.",
+            totals or "none",
+            faults.FAULT_STATE_FILE,
+        )
+    return totals
+
+
+def check_record_files(cfg: Config) -> None:
+    """Open the training records once (every line parsed): a non-UTF-8 or malformed JSON / JSONL line is an
+    error naming file, line and column (skipped and counted under data.bad_record_policy=skip). A .json file's
+    parse is cached, so build_data reopens it as JSONL."""
+    from llava_train.data.mixture import mixture_source
+    from llava_train.data.sources import file_source
+
+    d = cfg.data
+    path = Path(d.data_path)
+    if not path.is_file():  # missing: build_data says so; a directory is an HF dataset
+        return
+    if path.suffix.lower() in (".yaml", ".yml"):
+        mixture_source(str(path), d.image_folder, d.seed, d.cache_dir, d.bad_record_policy)
+    elif path.suffix.lower() in (".json", ".jsonl"):
+        file_source(path, d.image_folder, d.cache_dir, d.bad_record_policy)
 
 
 def check_stale_extension_locks(max_age_s: float = 600.0) -> None:
@@ -86,6 +144,8 @@ def build_model(cfg: Config, tokenizer: Any) -> Any:
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     model = _build(cfg.model, tokenizer)
     del zero3_flag
+    if not is_zero3(cfg):  # a sharded random base cannot be saved whole here (docs/RELIABILITY.md)
+        save_random_base(cfg, model, tokenizer)
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
     return model
 
@@ -106,7 +166,7 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
     from llava_train.data.config import VisionSpec
     from llava_train.data.dataset import build_dataset
     from llava_train.data.image import build_image_processor
-    from llava_train.model.anyres import is_anyres, parse_grid_pinpoints
+    from llava_train.model.anyres import check_grid_pinpoints, is_anyres, parse_grid_pinpoints
 
     config = _base_config(model)
     data_cfg = cfg.data
@@ -132,6 +192,10 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
                 f"{config.image_grid_pinpoints}: leave data.image_grid_pinpoints unset (the model's are used) "
                 "or set model.image_grid_pinpoints to the same canvases"
             )
+    if is_anyres(config.image_aspect_ratio) and config.image_grid_pinpoints:
+        check_grid_pinpoints(config.image_grid_pinpoints, vision.crop_size, "model.image_grid_pinpoints")
+    if is_anyres(data_cfg.image_aspect_ratio) and data_cfg.image_grid_pinpoints:
+        check_grid_pinpoints(data_cfg.image_grid_pinpoints, vision.crop_size, "data.image_grid_pinpoints")
     if data_cfg.model_max_length > config.tokenizer_model_max_length:
         raise ValueError(
             f"data.model_max_length={data_cfg.model_max_length} exceeds the model's truncation length "
@@ -214,6 +278,7 @@ def save_final(trainer: LlavaTrainer, cfg: Config) -> Path:
     run_dir = Path(cfg.training.run_dir)
     trainer.save_model(str(run_dir))  # collective under ZeRO-3: every rank calls it
     if trainer.args.should_save:
+        log_bad_record_totals(trainer, cfg)
         if cfg.training.loss_plot:
             plot_loss_curve(trainer.state.log_history, run_dir / "loss_curve.png")
         stage = StageName(cfg.stage.name).value

@@ -90,6 +90,25 @@ def fsdp_config(fsdp: FsdpConfig) -> dict:
     return config
 
 
+WANDB_MODES = ("offline", "online", "disabled", "dryrun", "run", "shared")  # what wandb itself accepts
+
+
+def check_wandb_mode_env(default: str) -> None:
+    """WANDB_MODE set but empty means unset (training.wandb_mode applies); another unknown value is refused here
+    rather than as wandb's pydantic traceback at the first log."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        return
+    if not mode.strip():
+        os.environ["WANDB_MODE"] = default
+        logger.warning("WANDB_MODE is set but empty: using training.wandb_mode=%s", default)
+    elif mode not in WANDB_MODES:
+        raise ValueError(
+            f"WANDB_MODE={mode!r} in the environment is not one of {WANDB_MODES}: unset it "
+            "(training.wandb_mode applies) or set e.g. WANDB_MODE=disabled."
+        )
+
+
 def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArguments:
     """Map the typed config onto TrainingArguments; check world size and batch arithmetic."""
     t = cfg.training
@@ -108,6 +127,7 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         logger.warning("precision=%s on CPU: autocast is ~23x slower than fp32 here.", precision.value)
     accumulation = gradient_accumulation_steps(t.global_batch_size, t.per_device_batch_size, world)
     report_to = "none"
+    check_wandb_mode_env(t.wandb_mode.value)
     if t.report_to_wandb and os.environ.setdefault("WANDB_MODE", t.wandb_mode.value) != "disabled":
         report_to = "wandb"
         os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
