@@ -22,6 +22,7 @@ from test_train_utils import make_colour_dataset, tiny_overrides, torchrun
 from llava_train.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parent.parent
 # The model states file of each ZeRO stage (read first on resume).
 STATES = {
     "zero2": "global_step2/mp_rank_00_model_states.pt",
@@ -39,7 +40,8 @@ def _launch(run_dir: Path, data_json: Path, zero: str, max_steps: int, *extra: s
         "training.per_device_batch_size=2",
         *extra,
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    # the code under test, not whichever checkout the venv's editable install points at
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [*torchrun(1), str(DRIVER), *overrides], cwd=run_dir.parent, env=env, capture_output=True, text=True
     )
