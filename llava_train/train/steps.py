@@ -72,6 +72,8 @@ def save_random_base(cfg: Config, model: Any, tokenizer: Any) -> Path | None:
     if cfg.stage.tune_llm != "lora" or cfg.model.llm_path is not None or not is_main_process():
         return None
     out = Path(cfg.training.run_dir) / RANDOM_BASE_DIR
+    if cfg.training.resume and (out / "config.json").is_file():
+        return out  # the base this run started from; the rebuilt one is only equal while the seed is
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     logger.info("random base LLM saved to %s: merge with op=merge model_dir=%s", out, out)

@@ -127,7 +127,8 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         logger.warning("precision=%s on CPU: autocast is ~23x slower than fp32 here.", precision.value)
     accumulation = gradient_accumulation_steps(t.global_batch_size, t.per_device_batch_size, world)
     report_to = "none"
-    check_wandb_mode_env(t.wandb_mode.value)
+    if t.report_to_wandb:
+        check_wandb_mode_env(t.wandb_mode.value)
     if t.report_to_wandb and os.environ.setdefault("WANDB_MODE", t.wandb_mode.value) != "disabled":
         report_to = "wandb"
         os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
