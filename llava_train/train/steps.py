@@ -1,8 +1,10 @@
 """The steps launch/train.py calls in order, each a small function of the typed config.
 
-1 setup_run        seed, run dir, resolved config.yaml (rank 0)
+1 setup_run        seed, run dir, pre-flight checks (writable, not an earlier run's, model path, records
+                   files parse), resolved config.yaml (rank 0)
 2 build_tokenizer  llava_train.data.load_tokenizer(cfg.tokenizer)
-3 build_model      llava_train.model.build_model(cfg.model, tokenizer)
+3 build_model      llava_train.model.build_model(cfg.model, tokenizer) (+ run_dir/base_model: a random LLM
+                   under LoRA)
 4 apply_stage      llava_train.train.stages.apply_stage(model, cfg.stage)
 5 build_data       dataset + collator, the data config checked against the model's image settings
 6 build_trainer    TrainingArguments + LlavaTrainer
