@@ -81,6 +81,7 @@ COMMON = [
     "training.gradient_checkpointing=false",
     "training.logging_steps=10",
     "training.save_steps=100000",  # only the final weights: the demo does not resume
+    "training.overwrite=true",  # every demo call retrains its run dirs from scratch
     "training.report_to_wandb=false",
     "stage.tune_vision_tower=false",  # pretrained in step 0b, then frozen as LLaVA freezes CLIP
 ]

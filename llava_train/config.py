@@ -114,6 +114,9 @@ class TrainingConfig:
     seed: int = 42
     # Continue from the latest COMPLETE checkpoint under run_dir (partial ones are reported and skipped).
     resume: bool = False
+    # Train into a run_dir that holds an earlier run (its config.yaml, checkpoints) from scratch, deleting its
+    # checkpoints. Without it (or resume) such a run_dir is refused.
+    overwrite: bool = False
 
     learning_rate: float = 2e-5
     mm_projector_lr: float | None = None
@@ -323,6 +326,7 @@ def check_consistency(cfg: Config) -> None:
             f"training.global_batch_size ({t.global_batch_size}) and training.per_device_batch_size "
             f"({t.per_device_batch_size}) must be positive."
         )
+    check_ranges(cfg)
     if not 0 <= t.warmup_ratio < 1:
         raise ValueError(  # the Trainer reads a value >= 1 as a number of steps
             f"training.warmup_ratio={t.warmup_ratio} must be in [0, 1): a fraction of the total steps."
@@ -338,6 +342,44 @@ def check_consistency(cfg: Config) -> None:
         )
     if cfg.stage.lora.qlora and cfg.stage.tune_llm is not LlmTuning.lora:
         raise ValueError("stage.lora.qlora=true only applies to stage=finetune_lora.")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numbers that have a valid range: a negative learning rate would train by gradient ascent."""
+    t, lora = cfg.training, cfg.stage.lora
+    checks = [
+        ("training.learning_rate", t.learning_rate, t.learning_rate > 0, "> 0"),
+        ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("training.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "in [0, 1)"),
+        ("training.adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "in [0, 1)"),
+        ("training.adam_epsilon", t.adam_epsilon, t.adam_epsilon > 0, "> 0"),
+        ("training.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+        ("training.num_train_epochs", t.num_train_epochs, t.num_train_epochs > 0 or t.max_steps > 0, "> 0"),
+        ("training.max_steps", t.max_steps, t.max_steps == -1 or t.max_steps > 0, "> 0, or -1 (epochs)"),
+        ("training.save_steps", t.save_steps, t.save_steps > 0, "> 0"),
+        ("training.logging_steps", t.logging_steps, t.logging_steps > 0, "> 0"),
+        ("training.max_nonfinite_steps", t.max_nonfinite_steps, t.max_nonfinite_steps >= 1, ">= 1"),
+        ("stage.lora.r", lora.r, lora.r >= 1, ">= 1"),
+        ("stage.lora.alpha", lora.alpha, lora.alpha > 0, "> 0"),
+        ("stage.lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
+        ("data.model_max_length", cfg.data.model_max_length, cfg.data.model_max_length > 0, "> 0"),
+        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
+        ("data.max_image_pixels", cfg.data.max_image_pixels, cfg.data.max_image_pixels > 0, "> 0"),
+    ]
+    for name, lr in (("mm_projector_lr", t.mm_projector_lr), ("mm_vision_tower_lr", t.mm_vision_tower_lr)):
+        if lr is not None:
+            checks.append((f"training.{name}", lr, lr > 0, "> 0, or null (learning_rate)"))
+    if t.save_total_limit is not None:
+        checks.append(
+            ("training.save_total_limit", t.save_total_limit, t.save_total_limit >= 1, ">= 1, or null")
+        )
+    bad = [f"{name}={value} (must be {rule})" for name, value, ok, rule in checks if not ok]
+    if bad:
+        raise ValueError(f"out-of-range settings: {'; '.join(bad)}.")
+    if t.resume and t.overwrite:
+        raise ValueError(
+            "training.resume=true and training.overwrite=true: choose one (continue, or start over)."
+        )
 
 
 def deepspeed_config_path(cfg: DeepSpeedConfig) -> str | None:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from llava_train.model.anyres import is_anyres, parse_grid_pinpoints
+from llava_train.model.anyres import check_grid_pinpoints, is_anyres, parse_grid_pinpoints
 
 
 @dataclass
@@ -85,6 +85,7 @@ class VisionSpec:
         if is_anyres(self.image_aspect_ratio):
             if not self.image_grid_pinpoints:
                 raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r} needs image_grid_pinpoints")
+            check_grid_pinpoints(self.image_grid_pinpoints, self.crop_size, "model.image_grid_pinpoints")
             # (w, h) canvases as a tuple: the spec is frozen (hashable), a range string is expanded once
             canvases = tuple(parse_grid_pinpoints(self.image_grid_pinpoints, self.crop_size))
             object.__setattr__(self, "image_grid_pinpoints", canvases)

@@ -358,7 +358,28 @@ def build_dataset(
     if path.is_dir():
         source = hf_source(str(path), cfg)
     elif path.suffix.lower() in (".yaml", ".yml"):
-        source = mixture_source(str(path), cfg.image_folder, cfg.seed, cfg.cache_dir)
+        source = mixture_source(str(path), cfg.image_folder, cfg.seed, cfg.cache_dir, cfg.bad_record_policy)
     else:
-        source = file_source(path, cfg.image_folder, cfg.cache_dir)
-    return LazySupervisedDataset(source, tokenizer, image_processor, cfg, vision)
+        source = file_source(path, cfg.image_folder, cfg.cache_dir, cfg.bad_record_policy)
+    dataset = LazySupervisedDataset(source, tokenizer, image_processor, cfg, vision)
+    report_source_problems(dataset)
+    return dataset
+
+
+def report_source_problems(dataset: LazySupervisedDataset) -> None:
+    """Count the lines the source left out as malformed (once per run, not per epoch); warn once about
+    duplicate record ids, since errors and skip logs name records by id."""
+    source = dataset.source
+    if source.malformed:
+        dataset._count("malformed_record", len(source.malformed))
+        logger.warning(
+            "skipped %d malformed lines, e.g. %s", len(source.malformed), list(source.malformed[:3])
+        )
+    n, examples = source.duplicate_ids
+    if n:
+        logger.warning(
+            "%d records repeat an earlier record's id (e.g. %s): messages that name a record by id are "
+            "ambiguous for them; give every record a unique `id`.",
+            n,
+            list(examples),
+        )

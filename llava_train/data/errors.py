@@ -12,17 +12,22 @@ BAD_RECORD_KINDS = (
     "roles_out_of_order",
     "too_long",
     "path_escapes_root",
+    "malformed_record",
 )
 
 _FIXES = {
     "missing_image": "check `image_folder` and the record's `image` path",
     "unreadable_image": "re-encode or remove the file (it is truncated, corrupt or empty)",
-    "image_too_large": "downscale the image or raise `max_image_pixels`",
+    "image_too_large": (
+        "downscale the image, or raise `max_image_pixels` (it cannot admit more than PIL's own limit, "
+        "2 x PIL.Image.MAX_IMAGE_PIXELS = 178956970 pixels)"
+    ),
     "image_count_mismatch": "make the number of `<image>` tags equal the number of images in `image`",
     "bad_conversation": "`conversations` must be a non-empty list of {from, value} turns with text",
     "roles_out_of_order": "turns must alternate human/gpt, starting with human (an optional system first)",
     "too_long": "raise `model.model_max_length`, shorten the record, or use bad_record_policy=skip",
     "path_escapes_root": "use a relative path inside `image_folder` (no absolute paths, `..` or symlinks out)",
+    "malformed_record": "fix the line: one UTF-8 JSON object per line",
 }
 
 

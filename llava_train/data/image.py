@@ -85,7 +85,8 @@ def _image_source(path: str | os.PathLike | bytes | dict) -> tuple[Path | io.Byt
 def _open_checked(path: Path | io.BytesIO, name: str, max_pixels: int, decode: bool = True) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels is the limit below PIL's hard one (DecompressionBombError at 2 x MAX_IMAGE_PIXELS)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)  # lazy: reads the header only
             width, height = image.size
             if width * height > max_pixels:
@@ -96,8 +97,11 @@ def _open_checked(path: Path | io.BytesIO, name: str, max_pixels: int, decode: b
                 image.load()  # decodes: truncated / corrupt data fails here
             else:
                 image.verify()  # integrity without decoding (PNG chunk CRCs; a no-op for JPEG)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadRecordError("image_too_large", f"{name!r}: {err}") from err
+    except Image.DecompressionBombError as err:
+        raise BadRecordError(
+            "image_too_large",
+            f"{name!r}: beyond PIL's own limit, which max_image_pixels cannot raise ({err})",
+        ) from err
     except BadRecordError:
         raise
     except (OSError, SyntaxError, ValueError) as err:

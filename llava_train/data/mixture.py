@@ -35,7 +35,11 @@ def sample_indices(strategy: str, n: int, seed: int) -> list[int]:
 
 
 def mixture_source(
-    path: str, default_image_folder: str = "", seed: int = 0, cache_dir: str | None = None
+    path: str,
+    default_image_folder: str = "",
+    seed: int = 0,
+    cache_dir: str | None = None,
+    bad_record_policy: str = "strict",
 ) -> RecordSource:
     """A ConcatSource over the mixture's entries; relative json paths resolve against the YAML's folder."""
     with open(path, encoding="utf-8") as f:
@@ -51,7 +55,8 @@ def mixture_source(
         if not file:
             raise ValueError(f"{path}: entry {i} has no json_path")
         file_path = Path(file) if Path(file).is_absolute() else Path(path).parent / file
-        source = file_source(file_path, entry.get("image_folder") or default_image_folder, cache_dir)
+        folder = entry.get("image_folder") or default_image_folder
+        source = file_source(file_path, folder, cache_dir, bad_record_policy)
         keep = sample_indices(str(entry.get("sampling_strategy", "all")), len(source), seed + i)
         sources.append(source if len(keep) == len(source) else SubsetSource(source, keep))
     return ConcatSource(sources)

@@ -7,12 +7,23 @@ the model config says). Batches are LEFT padded so every row's last prompt token
 the model's multimodal merge re-pads after inserting the image features on the side named by
 ``config.tokenizer_padding_side``, which we therefore set to "left" for the duration of the call.
 
+Image paths go through training's root check (``resolve_image_path``): an absolute path or one that
+leaves ``image_folder`` is refused. A bad question (that, or a missing / unreadable image) raises
+``BadQuestionError`` naming its ``question_id``; with ``bad_record_policy="skip"`` it gets an empty
+answer whose ``metadata.skipped`` says why (counted by run_eval, scored as wrong).
+
+Answers are appended to a progress file (``<answers_file>.rank<R>``) batch by batch, as LLaVA's
+model_vqa appends its answers: a run that stops (a bad question, a kill) keeps every answer so far, and
+the next run with the same files answers only the rest.
+
 Shapes: b batch, s prompt length, n_img images of the batch (rows without an image have none).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,9 +34,13 @@ import torch
 from llava_train.constants import DEFAULT_IMAGE_TOKEN
 from llava_train.data import get_template, load_image, process_images, render_prompt, tokenizer_image_token
 from llava_train.data.conversation import Template
+from llava_train.data.dataset import resolve_image_path
+from llava_train.data.errors import BadRecordError
 from llava_train.data.image import mean_colour
 from llava_train.data.preprocess import check_template_tokens
 from llava_train.eval.questions import Question, make_answer_record, read_jsonl, write_jsonl
+
+logger = logging.getLogger(__name__)
 
 
 def build_prompt(
@@ -91,16 +106,38 @@ def decode_reply(new_ids: torch.Tensor, tokenizer: Any, stop_ids: Sequence[int])
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+class BadQuestionError(ValueError):
+    """A question that cannot be answered (bad image path, missing / unreadable image), by question_id."""
+
+    def __init__(self, question_id: int | str, reason: Exception):
+        self.question_id = question_id
+        super().__init__(f"question_id {question_id!r}: {reason}")
+
+
+def load_question_image(question: Question, image_folder: str | Path | None, image_processor: Any) -> Any:
+    """The question's image (RGB PIL) from under ``image_folder``; BadQuestionError naming the question."""
+    try:
+        # training's root check: no absolute path, no `..` or symlink out of the image folder
+        path = resolve_image_path(question.image, str(image_folder) if image_folder is not None else "")
+        return load_image(path, background=mean_colour(image_processor))  # transparency as in training
+    except BadRecordError as err:
+        raise BadQuestionError(question.question_id, err) from None
+
+
 def _batch_images(
-    batch: Sequence[Question], model: Any, image_processor: Any, image_folder: str | Path | None
+    batch: Sequence[Question],
+    model: Any,
+    image_processor: Any,
+    image_folder: str | Path | None,
+    loaded: Sequence[Any] | None = None,
 ) -> dict:
-    """``images`` / ``image_sizes`` generate kwargs of the rows that have an image (none: empty dict)."""
-    paths = [q.image for q in batch if q.image is not None]
-    folder = Path(image_folder) if image_folder is not None else Path()
-    background = mean_colour(image_processor)  # transparency filled as in training (LazySupervisedDataset)
-    return image_inputs(
-        [load_image(folder / p, background=background) for p in paths], model, image_processor
-    )
+    """``images`` / ``image_sizes`` generate kwargs of the rows that have an image (none: empty dict).
+    ``loaded``: the images of those rows, already loaded."""
+    with_image = [q for q in batch if q.image is not None]
+    if not with_image:
+        return {}
+    pil = loaded or [load_question_image(q, image_folder, image_processor) for q in with_image]
+    return image_inputs(pil, model, image_processor)
 
 
 def image_inputs(images: Sequence[Any], model: Any, image_processor: Any) -> dict:
@@ -129,10 +166,12 @@ def generate_batch(
     max_new_tokens: int,
     image_folder: str | Path | None = None,
     generate_kwargs: dict | None = None,
+    images: Sequence[Any] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Greedy answers (and prompts) of one batch of questions, with left padding and the KV cache.
 
-    ``generate_kwargs`` go to ``model.generate`` too (e.g. ``synced_gpus`` under ZeRO-3)."""
+    ``generate_kwargs`` go to ``model.generate`` too (e.g. ``synced_gpus`` under ZeRO-3); ``images``: the
+    batch's images (rows with one, in order), when already loaded."""
     mm_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
     prompts = [build_prompt(q, template, tokenizer, mm_start_end) for q in batch]
     stops = stop_token_ids(tokenizer, template)
@@ -140,7 +179,7 @@ def generate_batch(
         model,
         tokenizer,
         prompts,
-        _batch_images(batch, model, image_processor, image_folder),
+        _batch_images(batch, model, image_processor, image_folder, images),
         stops,
         max_new_tokens,
         **(generate_kwargs or {}),
@@ -195,12 +234,19 @@ def generate_answers(
     image_folder: str | Path | None = None,
     model_id: str = "llava",
     generate_kwargs: dict | None = None,
+    bad_record_policy: str = "strict",
+    progress_file: str | Path | None = None,
 ) -> list[dict]:
     """Answer records (LLaVA answers-jsonl format) for ``questions``, in their order.
 
     Questions are sorted by prompt length inside the call so batches waste little padding; the
-    result is put back in question order.
+    result is put back in question order. ``progress_file``: answers found there are kept (not asked
+    again) and each new batch's answers are appended to it as they come. ``bad_record_policy``:
+    "strict" raises BadQuestionError at a bad question, "skip" gives it an empty answer with
+    ``metadata.skipped``.
     """
+    if bad_record_policy not in ("strict", "skip"):
+        raise ValueError(f"bad_record_policy={bad_record_policy!r}: use strict or skip")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.pad_token_id is None:
@@ -210,17 +256,73 @@ def generate_answers(
     template = get_template(template) if isinstance(template, str) else template
     check_template_tokens(template, tokenizer, bool(getattr(model.config, "mm_use_im_start_end", False)))
     model.eval()
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i].text))
-    records: dict[int, dict] = {}
+    done = read_progress(progress_file) if progress_file else {}
+    records = {i: done[str(q.question_id)] for i, q in enumerate(questions) if str(q.question_id) in done}
+    order = sorted(
+        (i for i in range(len(questions)) if i not in records), key=lambda i: len(questions[i].text)
+    )
+    meta = {"template": template.name}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = [questions[i] for i in idx]
-        texts, prompts = generate_batch(
-            model, tokenizer, image_processor, batch, template, max_new_tokens, image_folder, generate_kwargs
-        )
-        for i, q, prompt, text in zip(idx, batch, prompts, texts):
-            records[i] = make_answer_record(q, prompt, text, model_id, {"template": template.name})
+        good, images, new = [], [], {}
+        for i in idx:
+            q = questions[i]
+            try:
+                if q.image is not None:
+                    images.append(load_question_image(q, image_folder, image_processor))
+                good.append(i)
+            except BadQuestionError as err:
+                if bad_record_policy == "strict":
+                    raise
+                logger.warning("skipping bad question: %s", err)
+                new[i] = make_answer_record(q, "", "", model_id, {**meta, "skipped": str(err)})
+        if good:
+            batch = [questions[i] for i in good]
+            texts, prompts = generate_batch(
+                model, tokenizer, image_processor, batch, template, max_new_tokens, image_folder,
+                generate_kwargs=generate_kwargs, images=images,
+            )  # fmt: skip
+            for i, q, prompt, text in zip(good, batch, prompts, texts):
+                new[i] = make_answer_record(q, prompt, text, model_id, meta)
+        if progress_file:
+            append_jsonl([new[i] for i in idx], progress_file)
+        records.update(new)
     return [records[i] for i in range(len(questions))]
+
+
+def read_progress(path: str | Path) -> dict[str, dict]:
+    """{str(question_id): answer} of a progress file (missing: {}). A torn last line (a kill mid-write)
+    is cut off the file, so that the next append starts on a fresh line."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    good_end = data.rfind(b"\n") + 1
+    if good_end < len(data):
+        logger.warning("%s: dropping a torn last line (%d bytes)", path, len(data) - good_end)
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    found = {}
+    for line_no, line in enumerate(data[:good_end].decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}:{line_no}: not valid JSON ({err}); delete the file to start over"
+                ) from err
+            found[str(rec["question_id"])] = rec
+    if found:
+        logger.info("%s: %d answers from an earlier run kept", path, len(found))
+    return found
+
+
+def append_jsonl(records: Sequence[dict], path: str | Path) -> None:
+    """Append records to a jsonl file and flush them to the OS (they survive the process)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,18 +384,20 @@ def generate_answers_sharded(
     (for the barrier) before the call.
     """
     rank, world = dist_rank_world()
+    progress = shard_path(answers_file, rank)  # appended as answers come; resumed from when present
     if world == 1:
-        records = generate_answers(model, tokenizer, image_processor, questions, **kwargs)
+        records = generate_answers(
+            model, tokenizer, image_processor, questions, progress_file=progress, **kwargs
+        )
         write_jsonl(records, answers_file)
+        progress.unlink()
         return records
     if not torch.distributed.is_initialized():
         raise RuntimeError(
             f"WORLD_SIZE={world} but torch.distributed is not initialised; call init_process_group first"
         )
     part = shard_questions(questions, rank, world)
-    write_jsonl(
-        generate_answers(model, tokenizer, image_processor, part, **kwargs), shard_path(answers_file, rank)
-    )
+    generate_answers(model, tokenizer, image_processor, part, progress_file=progress, **kwargs)
     torch.distributed.barrier()
     merged = merge_answer_shards(answers_file, questions, world) if rank == 0 else None
     torch.distributed.barrier()

@@ -52,6 +52,9 @@ class EvalRunConfig:
     # submission_question_file (the whole test2015 question file for the server; None: question_file).
     submission_file: str | None = None
     submission_question_file: str | None = None
+    # strict: a bad question (image path outside image_folder, missing / unreadable image) stops the run,
+    # naming its question_id (answers so far are kept and resumed); skip: an empty answer, counted
+    bad_record_policy: str = "strict"
 
 
 def register_eval_config(name: str = "llava_eval") -> None:
@@ -152,6 +155,7 @@ def run_eval(
     model_id: str | None = None,
     submission_file: str | None = None,
     submission_question_file: str | None = None,
+    bad_record_policy: str = "strict",
 ) -> dict | None:
     """Generate answers for ``question_file``, write them, score them; returns the metrics (rank 0, else None).
 
@@ -178,6 +182,7 @@ def run_eval(
         max_new_tokens=max_new_tokens,
         image_folder=image_folder,
         model_id=model_id or Path(model_dir).resolve().name,
+        bad_record_policy=bad_record_policy,
     )
     seconds = time.perf_counter() - start
     if records is None:  # not rank 0
@@ -190,8 +195,15 @@ def run_eval(
 
         write_vqav2_submission(answers_file, submission_question_file or question_file, submission_file)
         metrics["submission_file"] = str(submission_file)
+    skipped = [r["question_id"] for r in records if r["metadata"].get("skipped")]
+    if skipped:
+        logger.warning(
+            "%d bad questions skipped (empty answers, scored as wrong): %s", len(skipped), skipped[:10]
+        )
     metrics.update(
         n_questions=len(questions),
+        n_skipped=len(skipped),
+        skipped_question_ids=skipped,
         world_size=dist_rank_world()[1],
         generation_seconds=round(seconds, 3),
         answers_file=str(answers_file),

@@ -65,6 +65,21 @@ def parse_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]], patch_si
     return [(int(w), int(h)) for w, h in grid_pinpoints]
 
 
+def check_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]], crop_size: int, name: str) -> None:
+    """Every canvas must be a positive multiple of the crop size on both sides: the merge reshapes the crops'
+    features into that grid and fails in the first forward pass otherwise. `name`: the setting, for the fix."""
+    canvases = parse_grid_pinpoints(grid_pinpoints, crop_size)
+    bad = [(w, h) for w, h in canvases if w <= 0 or h <= 0 or w % crop_size or h % crop_size]
+    if bad:
+        fixed = sorted({(max(1, round(w / crop_size)) * crop_size, max(1, round(h / crop_size)) * crop_size)
+                        for w, h in canvases})  # fmt: skip
+        raise ValueError(
+            f"{name}: canvases {bad} are not positive multiples of the vision tower's crop size {crop_size} "
+            f"on both sides. Use multiples of {crop_size}, e.g. {[list(c) for c in fixed]}, or the range form "
+            "'(1x1),...,(3x3)' (in crops)."
+        )
+
+
 def get_anyres_image_grid_shape(
     image_size: Size, grid_pinpoints: str | Sequence[Sequence[int]], patch_size: int
 ) -> tuple[int, int]:

@@ -11,11 +11,12 @@ Layout of `<run_dir>/checkpoint-<step>/` (written by `LlavaTrainer`):
                    global_step*/ under DeepSpeed), config.json of the LLaVA model, COMPLETE
 
 A checkpoint is written under `<run_dir>/.staging/checkpoint-<step>`, renamed into place, and then marked
-with the `COMPLETE` file, a JSON manifest of every file's relative path and size. A directory without the
-marker, or whose files disagree with the manifest (missing, truncated: a crash, a kill or a lost page cache
-during save), is partial: `latest_complete_checkpoint` reports why and skips it. Sizes, not hashes: hashing a
-7B checkpoint at every resume costs minutes, and a cut-short write shows up as a short or missing file.
-Markers written before the manifest existed (no "files" key) are accepted as complete.
+with the `COMPLETE` file, a JSON manifest of every file's relative path, size and SHA-256 (manifest.py). A
+directory without the marker, or whose files disagree with the manifest's sizes (missing, truncated: a crash,
+a kill or a lost page cache during save), is partial: `latest_complete_checkpoint` reports why and skips it.
+The hashes are checked only for the checkpoint a resume loads (`verify_checkpoint`): a same-size corruption
+is refused there, naming the file. Markers written before the manifest existed (no "files" key) or before it
+held hashes (sizes only) are accepted as complete, their contents unchecked.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 
 from llava_train.config import LlmTuning
 from llava_train.constants import NON_LORA_FILE, PROJECTOR_FILE, VISION_TOWER_FILE
+from llava_train.train.manifest import content_manifest, content_problems, entry_size
 from llava_train.train.stages import component_of, original_name
 
 logger = logging.getLogger(__name__)
@@ -67,13 +69,25 @@ def checkpoint_problems(ckpt_dir: str | os.PathLike) -> list[str]:
     except (OSError, ValueError) as e:
         return [f"unreadable {COMPLETE_MARKER} marker ({e})"]
     problems = []
-    for rel, size in (marker.get("files") or {}).items():
-        path = ckpt / rel
+    for rel, entry in (marker.get("files") or {}).items():
+        path, size = ckpt / rel, entry_size(entry)
         if not path.is_file():
             problems.append(f"{rel} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{rel} has {path.stat().st_size} bytes, the manifest says {size}")
     return problems
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike) -> list[str]:
+    """checkpoint_problems, then every file's SHA-256 against the manifest ([] when the checkpoint is sound).
+    Reads every file: for the one checkpoint a resume is about to load."""
+    problems = checkpoint_problems(ckpt_dir)
+    if problems:
+        return problems
+    files = json.loads((Path(ckpt_dir) / COMPLETE_MARKER).read_text()).get("files") or {}
+    if not any(isinstance(e, dict) for e in files.values()):
+        logger.warning("%s: its manifest holds no hashes (an older save); contents not verified", ckpt_dir)
+    return content_problems(ckpt_dir, files)
 
 
 def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -92,12 +106,13 @@ def manifest(ckpt_dir: Path) -> dict[str, int]:
 
 def finalize_checkpoint(staged: Path, final: Path, step: int) -> None:
     """Rename a fully written staging directory into place, then mark it complete (rank 0 only)."""
+    files = content_manifest(staged, exclude=(COMPLETE_MARKER,))  # hashed while still in the page cache
     if final.exists():  # an older incomplete (or superseded) write of the same step
         shutil.rmtree(final)
     os.replace(staged, final)
     with contextlib.suppress(OSError):  # the staging parent, when no other checkpoint is being written
         staged.parent.rmdir()
-    marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": manifest(final)}
+    marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
     tmp = final / (COMPLETE_MARKER + ".tmp")
     tmp.write_text(json.dumps(marker) + "\n")
     os.replace(tmp, final / COMPLETE_MARKER)
@@ -159,6 +174,17 @@ def save_stage_weights(out_dir: str, tune_llm: LlmTuning, state_dict: dict, trai
     return written
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, with an error that names the file when it is corrupt."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (header), or a tensor whose bytes do not fit its dtype / shape
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}): the checkpoint is corrupted. Resume from "
+            "another checkpoint (move this one away) or retrain from the last good one."
+        ) from e
+
+
 def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, tune_llm: LlmTuning) -> None:
     """Load a frozen-LLM (pretrain) or LoRA checkpoint's weights back into `model` (resume without DeepSpeed).
 
@@ -172,7 +198,7 @@ def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, tune_llm: Llm
     for fname in files:
         if not (ckpt / fname).is_file():
             continue
-        for key, value in load_file(str(ckpt / fname)).items():
+        for key, value in read_safetensors(ckpt / fname).items():
             if key not in by_original:
                 raise KeyError(f"{ckpt / fname}: key {key!r} is not a parameter of this model")
             with torch.no_grad():
@@ -181,7 +207,7 @@ def load_trainables(model: nn.Module, ckpt_dir: str | os.PathLike, tune_llm: Llm
     if tune_llm is LlmTuning.lora:
         from peft import set_peft_model_state_dict
 
-        adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+        adapter = read_safetensors(ckpt / "adapter_model.safetensors")
         result = set_peft_model_state_dict(model, adapter)
         bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
         if bad:

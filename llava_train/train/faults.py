@@ -11,6 +11,7 @@ shell convention, after saving a checkpoint; `training.resume=true` continues fr
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -54,8 +55,10 @@ class NonFiniteLossError(RuntimeError):
 
 # ---- pre-flight: fail before training, not at the first save hours later -------------------------
 def _probe_write(path: Path) -> None:
-    path.write_bytes(b"probe")
-    path.unlink()
+    try:
+        path.write_bytes(b"probe")
+    finally:  # a write that failed half-way (a full disk) leaves the file created: remove it too
+        path.unlink(missing_ok=True)
 
 
 def check_writable(run_dir: str | os.PathLike) -> None:
@@ -72,10 +75,50 @@ def check_writable(run_dir: str | os.PathLike) -> None:
         ) from e
 
 
-def checkpoint_bytes(model: nn.Module, full_model: bool, deepspeed: bool = False) -> int:
-    """Estimated size of one checkpoint: saved weights + AdamW moments (+ DeepSpeed's fp32 master copy).
+def check_run_dir_reuse(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Refuse a run dir that holds an earlier run (its config.yaml or checkpoints) unless told what to do
+    with it: `resume` continues it, `overwrite` deletes its checkpoints (so that no later resume loads one of
+    the old run's) and trains anew. Rank 0 only, before it writes this run's config.yaml."""
+    from llava_train.train.checkpoint import STAGING_DIR
 
-    `full_model`: every parameter is saved (stage `finetune`); otherwise only the trainable ones.
+    run = Path(run_dir)
+    old_ckpts = sorted(p for p in run.glob("checkpoint-*") if p.is_dir())
+    held = [p.name for p in old_ckpts] + [n for n in ("config.yaml", STAGING_DIR) if (run / n).exists()]
+    if not held or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"training.run_dir={run} holds an earlier run ({', '.join(held[:6])}): training into it would "
+            "replace its weights and config.yaml and mix its checkpoints with this run's. Continue it with "
+            "training.resume=true, start it over with training.overwrite=true (deletes its checkpoints), or "
+            "choose another training.run_dir."
+        )
+    for p in [*old_ckpts, run / STAGING_DIR]:
+        shutil.rmtree(p, ignore_errors=True)
+    logger.warning("training.overwrite=true: deleted the earlier run's %s in %s", held, run)
+
+
+def tokenizer_bytes(tokenizer: Any) -> int:
+    """Bytes the tokenizer's files take in a checkpoint (every checkpoint saves them): measured by saving it
+    to a temporary directory (off the run dir's disk, which may be the full one)."""
+    import tempfile
+
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+
+# trainer_state.json, config.json, scheduler.pt, rng_state*.pth, fault_state.json, COMPLETE, adapter and
+# DeepSpeed metadata: a few KiB each on the tiny model, tens of KiB at 7B (log history); a generous bound.
+SMALL_FILES_BYTES = 4 << 20
+
+
+def checkpoint_bytes(model: nn.Module, full_model: bool, deepspeed: bool = False) -> int:
+    """Estimated size of one checkpoint's tensors: saved weights + AdamW moments (+ DeepSpeed's fp32 master
+    copy). `full_model`: every parameter is saved (stage `finetune`); otherwise only the trainable ones.
+    The tokenizer and small files come on top (`tokenizer_bytes`, SMALL_FILES_BYTES).
     """
     total = 0
     for p in model.parameters():
@@ -88,14 +131,59 @@ def checkpoint_bytes(model: nn.Module, full_model: bool, deepspeed: bool = False
     return total
 
 
+def estimate_checkpoint_bytes(model: nn.Module, tokenizer: Any, full_model: bool, deepspeed: bool) -> int:
+    """Every file one checkpoint writes: tensors and optimizer state, tokenizer, small files."""
+    return checkpoint_bytes(model, full_model, deepspeed) + tokenizer_bytes(tokenizer) + SMALL_FILES_BYTES
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a full disk: ENOSPC, or torch.save's / safetensors' wording."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "file write failed" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+class DiskFullError(OSError):
+    """The disk filled up while a checkpoint was written; the partial write was removed."""
+
+
+def disk_full_error(run_dir: str | os.PathLike, needed: int | None, cause: BaseException) -> DiskFullError:
+    """The error a save that hit ENOSPC raises: names the disk, the space a checkpoint needs and the fix."""
+    mount = _mount_point(Path(run_dir))
+    free = shutil.disk_usage(run_dir).free
+    need = f"about {needed / 2**20:.1f} MiB" if needed else "its size (training.check_disk_space=true tells)"
+    return DiskFullError(
+        errno.ENOSPC,
+        f"the disk of {run_dir} (mounted at {mount}) filled up while a checkpoint was written ({cause}). "
+        f"The partial checkpoint was removed; the last complete one is kept. One checkpoint needs {need}, "
+        f"{free / 2**20:.1f} MiB are free now. Free space (or lower "
+        "training.save_total_limit, or move training.run_dir to a larger disk), then resume with "
+        "training.resume=true.",
+    )
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_free_space(run_dir: str | os.PathLike, needed: int) -> None:
     """Raise OSError (ENOSPC) with the fix when run_dir's disk has less than `needed` bytes free."""
     free = shutil.disk_usage(run_dir).free
     if free < needed:
         raise OSError(
             28,
-            f"not enough disk space in {run_dir}: one checkpoint needs about {needed / 2**30:.2f} GiB "
-            f"(weights + optimizer state), {free / 2**30:.2f} GiB free. Free space, lower "
+            f"not enough disk space in {run_dir} (disk mounted at {_mount_point(Path(run_dir))}): one "
+            f"checkpoint needs about {needed / 2**30:.3f} GiB (weights + optimizer state + tokenizer and small "
+            f"files), {free / 2**30:.3f} GiB free. Free space, lower "
             "training.save_total_limit, or point training.run_dir at a larger disk.",
         )
 

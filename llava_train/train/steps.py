@@ -1,8 +1,10 @@
 """The steps launch/train.py calls in order, each a small function of the typed config.
 
-1 setup_run        seed, run dir, resolved config.yaml (rank 0)
+1 setup_run        seed, run dir, pre-flight checks (writable, not an earlier run's, model path, records
+                   files parse), resolved config.yaml (rank 0)
 2 build_tokenizer  llava_train.data.load_tokenizer(cfg.tokenizer)
-3 build_model      llava_train.model.build_model(cfg.model, tokenizer)
+3 build_model      llava_train.model.build_model(cfg.model, tokenizer) (+ run_dir/base_model: a random LLM
+                   under LoRA)
 4 apply_stage      llava_train.train.stages.apply_stage(model, cfg.stage)
 5 build_data       dataset + collator, with the model's image geometry (VisionSpec.from_model)
 6 build_trainer    TrainingArguments + LlavaTrainer (+ the in-training eval callback of eval=vqa)
@@ -28,6 +30,8 @@ from llava_train.train.trainer import LlavaTrainer, build_training_args, plot_lo
 
 logger = logging.getLogger(__name__)
 
+RANDOM_BASE_DIR = "base_model"  # run_dir/base_model: the random LLM a LoRA run started from (merge's base)
+
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
@@ -42,10 +46,69 @@ def setup_run(cfg: Config, raw: DictConfig) -> Path:
     set_seed(cfg.training.seed)
     run_dir = Path(cfg.training.run_dir)
     faults.check_writable(run_dir)  # now, not at the first save hours later
+    check_model_paths(cfg)
+    check_record_files(cfg)  # a malformed line fails now, not after the model is built
     if is_main_process():
+        faults.check_run_dir_reuse(run_dir, cfg.training.resume, cfg.training.overwrite)
         OmegaConf.save(raw, run_dir / "config.yaml", resolve=True)
     logger.info("run dir %s (world size %s)", run_dir.resolve(), os.environ.get("WORLD_SIZE", "1"))
     return run_dir
+
+
+def check_model_paths(cfg: Config) -> None:
+    """model.llm_path is a local directory (nothing is downloaded): say so when it does not exist, instead of
+    the hub client's "Repo id must be in the form ..." the tokenizer and from_pretrained would give."""
+    path = cfg.model.llm_path
+    if path is not None and not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"model.llm_path={path!r} does not exist{' (it is a file)' if Path(path).exists() else ''}: it "
+            "must be a local directory of a Llama-family checkpoint (config.json + weights); models are never "
+            "downloaded. Fix the path, or model.llm_path=null for a random LLM of the preset's sizes."
+        )
+
+
+def save_random_base(cfg: Config, model: Any, tokenizer: Any) -> Path | None:
+    """A LoRA run on a random LLM (model.llm_path=null) saves that base into run_dir/base_model before the
+    stage is applied: merging the adapter needs the exact frozen weights, which nothing else holds. Rank 0."""
+    if cfg.stage.tune_llm != "lora" or cfg.model.llm_path is not None or not is_main_process():
+        return None
+    out = Path(cfg.training.run_dir) / RANDOM_BASE_DIR
+    if cfg.training.resume and (out / "config.json").is_file():
+        return out  # the base this run started from; the rebuilt one is only equal while the seed is
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    logger.info("random base LLM saved to %s: merge with op=merge model_dir=%s", out, out)
+    return out
+
+
+def log_bad_record_totals(trainer: LlavaTrainer, cfg: Config) -> dict[str, int]:
+    """The end-of-run totals of what data.bad_record_policy=skip skipped or truncated (as checkpointed)."""
+    totals = dict(trainer.bad_record_counts)
+    if cfg.data.bad_record_policy == "skip" or totals:
+        logger.warning(
+            "bad records in this run: %s. A bad record is counted each time the sampler draws it (once per "
+            "epoch), a malformed line once; per checkpoint in %s.",
+            totals or "none",
+            faults.FAULT_STATE_FILE,
+        )
+    return totals
+
+
+def check_record_files(cfg: Config) -> None:
+    """Open the training records once (every line parsed): a non-UTF-8 or malformed JSON / JSONL line is an
+    error naming file, line and column (skipped and counted under data.bad_record_policy=skip). A .json file's
+    parse is cached, so build_data reopens it as JSONL."""
+    from llava_train.data.mixture import mixture_source
+    from llava_train.data.sources import file_source
+
+    d = cfg.data
+    path = Path(d.data_path)
+    if not path.is_file():  # missing: build_data says so; a directory is an HF dataset
+        return
+    if path.suffix.lower() in (".yaml", ".yml"):
+        mixture_source(str(path), d.image_folder, d.seed, d.cache_dir, d.bad_record_policy)
+    elif path.suffix.lower() in (".json", ".jsonl"):
+        file_source(path, d.image_folder, d.cache_dir, d.bad_record_policy)
 
 
 def check_stale_extension_locks(max_age_s: float = 600.0) -> None:
@@ -84,6 +147,8 @@ def build_model(cfg: Config, tokenizer: Any) -> Any:
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     model = _build(cfg.model, tokenizer)
     del zero3_flag
+    if not is_zero3(cfg):  # a sharded random base cannot be saved whole here (docs/RELIABILITY.md)
+        save_random_base(cfg, model, tokenizer)
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
     return model
 
@@ -146,24 +211,39 @@ def train(trainer: LlavaTrainer, cfg: Config) -> Any:
     """trainer.train(), resuming from the latest complete checkpoint when training.resume is set."""
     resume = None
     if cfg.training.resume:
-        resume = ckpt.latest_complete_checkpoint(cfg.training.run_dir)
-        if resume is None:
-            logger.warning(
-                "training.resume=true but %s has no complete checkpoint: starting fresh", cfg.training.run_dir
-            )
-        else:
-            logger.info("resuming from %s", resume)
+        resume = resume_checkpoint(cfg.training.run_dir)
     if cfg.training.check_disk_space:
         check_disk_space(trainer, cfg)
     return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
 
+def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint training.resume=true continues from: the newest complete one. A run dir with no
+    checkpoint at all starts fresh (the first launch of a job that always passes resume=true); one with only
+    partial checkpoints is an error naming them, since starting over there would throw their steps away."""
+    complete, partial = ckpt.checkpoints(run_dir)
+    if complete:
+        resume = ckpt.latest_complete_checkpoint(run_dir)
+        logger.info("resuming from %s", resume)
+        return resume
+    if partial:
+        why = "; ".join(f"{p.name}: {', '.join(ckpt.checkpoint_problems(p))}" for p in partial)
+        raise FileNotFoundError(
+            f"training.resume=true but {run_dir} has no complete checkpoint, only partial ones ({why}). "
+            "Nothing can be resumed: start over with training.resume=false training.overwrite=true "
+            "(deletes them)."
+        )
+    logger.warning("training.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
+    return None
+
+
 def check_disk_space(trainer: LlavaTrainer, cfg: Config) -> None:
     """Fail before training when run_dir's disk cannot hold one more checkpoint."""
     full = cfg.stage.tune_llm is LlmTuning.full
-    needed = faults.checkpoint_bytes(
-        trainer.model, full_model=full, deepspeed=bool(cfg.deepspeed.config_file)
+    needed = faults.estimate_checkpoint_bytes(
+        trainer.model, trainer.processing_class, full_model=full, deepspeed=bool(cfg.deepspeed.config_file)
     )
+    trainer.checkpoint_estimate = needed  # for the message if a save still runs out of space
     faults.check_free_space(cfg.training.run_dir, needed)
     logger.info(
         "one checkpoint needs about %.1f MiB: enough free space in %s", needed / 2**20, cfg.training.run_dir
@@ -176,6 +256,7 @@ def save_final(trainer: LlavaTrainer, cfg: Config) -> Path:
     run_dir = Path(cfg.training.run_dir)
     trainer.save_model(str(run_dir))  # collective under ZeRO-3: every rank calls it
     if trainer.args.should_save:
+        log_bad_record_totals(trainer, cfg)
         if cfg.training.loss_plot:
             plot_loss_curve(trainer.state.log_history, run_dir / "loss_curve.png")
         logger.info("saved %s weights to %s", StageName(cfg.stage.name).value, run_dir)

@@ -23,6 +23,7 @@ over the attended positions, minus each row's first attended position. (Trainer 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -90,6 +91,25 @@ def fsdp_config(fsdp: FsdpConfig) -> dict:
     return config
 
 
+WANDB_MODES = ("offline", "online", "disabled", "dryrun", "run", "shared")  # what wandb itself accepts
+
+
+def check_wandb_mode_env(default: str) -> None:
+    """WANDB_MODE set but empty means unset (training.wandb_mode applies); another unknown value is refused here
+    rather than as wandb's pydantic traceback at the first log."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        return
+    if not mode.strip():
+        os.environ["WANDB_MODE"] = default
+        logger.warning("WANDB_MODE is set but empty: using training.wandb_mode=%s", default)
+    elif mode not in WANDB_MODES:
+        raise ValueError(
+            f"WANDB_MODE={mode!r} in the environment is not one of {WANDB_MODES}: unset it "
+            "(training.wandb_mode applies) or set e.g. WANDB_MODE=disabled."
+        )
+
+
 def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArguments:
     """Map the typed config onto TrainingArguments; check world size and batch arithmetic."""
     t = cfg.training
@@ -108,6 +128,8 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         logger.warning("precision=%s on CPU: autocast is ~23x slower than fp32 here.", precision.value)
     accumulation = gradient_accumulation_steps(t.global_batch_size, t.per_device_batch_size, world)
     report_to = "none"
+    if t.report_to_wandb:
+        check_wandb_mode_env(t.wandb_mode.value)
     if t.report_to_wandb and os.environ.setdefault("WANDB_MODE", t.wandb_mode.value) != "disabled":
         report_to = "wandb"
         os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
@@ -165,6 +187,7 @@ class LlavaTrainer(Trainer):
         self.nonfinite = faults.NonFiniteGuard(llava_cfg.training.max_nonfinite_steps)
         self.graceful_stop = faults.GracefulStop()
         self.bad_record_counts: dict[str, int] = {}  # as of the last batch trained on (checkpointed)
+        self.checkpoint_estimate: int | None = None  # bytes of one checkpoint (steps.check_disk_space)
         dataset = kwargs.get("train_dataset")
         if hasattr(dataset, "bad_record_stats") and kwargs.get("data_collator") is not None:
             kwargs["data_collator"] = faults.CountingCollator(kwargs["data_collator"], dataset)
@@ -175,7 +198,7 @@ class LlavaTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """Trainer.train with the signal handlers installed for its duration and the fault state restored."""
         if resume_from_checkpoint:
-            problems = ckpt.checkpoint_problems(resume_from_checkpoint)
+            problems = ckpt.verify_checkpoint(resume_from_checkpoint)  # sizes, then content hashes
             if problems:
                 raise ValueError(
                     f"refusing to resume from {resume_from_checkpoint}: {'; '.join(problems)}. "
@@ -192,6 +215,25 @@ class LlavaTrainer(Trainer):
         if self.graceful_stop.signum:
             self._stop_for_signal(self.graceful_stop.signum)
         return result
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        # DeepSpeed's own checkpoint engine unpickles with weights_only=False: build the engine without
+        # loading, give it the safe loader, then load as the Trainer would (safe_load.py).
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+        from transformers.trainer import _is_peft_model
+
+        from llava_train.train.safe_load import use_safe_checkpoint_engine
+
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        use_safe_checkpoint_engine(self.model_wrapped)
+        deepspeed_load_checkpoint(
+            self.model_wrapped, resume_from_checkpoint, load_module_strict=not _is_peft_model(self.model)
+        )
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
 
     def _stop_for_signal(self, signum: int) -> None:
         step = self.state.global_step
@@ -277,6 +319,21 @@ class LlavaTrainer(Trainer):
         return staging if staging is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        try:
+            self._save_checkpoint_staged(model, trial)
+        except Exception as e:
+            if not faults.is_disk_full(e):
+                raise
+            # Nothing of this save may look like a checkpoint, nor push a complete one out by rotation.
+            staging = Path(self.args.output_dir) / ckpt.STAGING_DIR
+            shutil.rmtree(staging / f"checkpoint-{self.state.global_step}", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                staging.rmdir()
+            error = faults.disk_full_error(self.args.output_dir, self.checkpoint_estimate, e)
+            logger.error(str(error))
+            raise error from e
+
+    def _save_checkpoint_staged(self, model, trial) -> None:
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         self._staging_parent = str(run_dir / ckpt.STAGING_DIR)
