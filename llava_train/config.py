@@ -346,7 +346,7 @@ def check_consistency(cfg: Config) -> None:
 
 def check_ranges(cfg: Config) -> None:
     """Numbers that have a valid range: a negative learning rate would train by gradient ascent."""
-    t, lora = cfg.training, cfg.stage.lora
+    t, lora, m = cfg.training, cfg.stage.lora, cfg.model
     checks = [
         ("training.learning_rate", t.learning_rate, t.learning_rate > 0, "> 0"),
         ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
@@ -362,7 +362,12 @@ def check_ranges(cfg: Config) -> None:
         ("stage.lora.r", lora.r, lora.r >= 1, ">= 1"),
         ("stage.lora.alpha", lora.alpha, lora.alpha > 0, "> 0"),
         ("stage.lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
-        ("data.model_max_length", cfg.data.model_max_length, cfg.data.model_max_length > 0, "> 0"),
+        (
+            "model.model_max_length",
+            m.model_max_length,
+            m.model_max_length is None or m.model_max_length > 0,
+            "> 0",
+        ),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
         ("data.max_image_pixels", cfg.data.max_image_pixels, cfg.data.max_image_pixels > 0, "> 0"),
     ]
