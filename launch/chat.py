@@ -13,14 +13,12 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llava_train.config import CONF_DIR
+from llava_train.config import CONF_DIR, tool_argv
 from llava_train.serve.chat import ChatSession, run_terminal_chat
 from llava_train.serve.config import ChatConfig, register_configs
 from llava_train.serve.generator import load_generator
 
 log = logging.getLogger("launch.chat")
-
-_HYDRA_DEFAULTS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="llava_chat", version_base="1.3")
@@ -35,5 +33,5 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()
-    sys.argv = sys.argv[:1] + _HYDRA_DEFAULTS + sys.argv[1:]
+    sys.argv = tool_argv(sys.argv)  # no Hydra run folder or log file
     main()

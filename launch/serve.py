@@ -16,7 +16,7 @@ import hydra
 import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
-from llava_train.config import CONF_DIR
+from llava_train.config import CONF_DIR, tool_argv
 from llava_train.serve.app import create_app
 from llava_train.serve.config import ServeConfig, register_configs
 from llava_train.serve.engine import BatchEngine
@@ -24,8 +24,6 @@ from llava_train.serve.generator import load_generator
 from llava_train.serve.schema import Limits
 
 log = logging.getLogger("launch.serve")
-
-_HYDRA_DEFAULTS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="llava_serve", version_base="1.3")
@@ -42,5 +40,5 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()
-    sys.argv = sys.argv[:1] + _HYDRA_DEFAULTS + sys.argv[1:]
+    sys.argv = tool_argv(sys.argv)  # no Hydra run folder or log file
     main()
