@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_train_utils import compose_config, make_colour_dataset, run_steps, tiny_overrides
 
-from llava_train.config import to_typed
+from llava_train.config import LlmTuning, to_typed
 from llava_train.train import checkpoint as ckpt
 from llava_train.train import faults, steps
 from llava_train.train.manifest import file_digest
@@ -129,7 +129,7 @@ def test_a_corrupted_safetensors_file_under_a_sizes_only_manifest_is_named(run2,
     shutil.copytree(run_dir / "checkpoint-2", copy)
     (copy / ckpt.PROJECTOR_FILE).write_bytes(b"\x00" * (copy / ckpt.PROJECTOR_FILE).stat().st_size)
     with pytest.raises(ValueError, match=re.escape(str(copy / ckpt.PROJECTOR_FILE)) + ".*not a readable"):
-        ckpt.load_trainables(trainer.model, copy, "pretrain")
+        ckpt.load_trainables(trainer.model, copy, LlmTuning.frozen)
 
 
 # ---- 3. an earlier run is not overwritten ---------------------------------------------------------
