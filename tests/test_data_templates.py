@@ -247,7 +247,9 @@ def test_golden_ids_and_labels(golden_tokenizers, template_name, tok_name):
         record = GOLDEN_RECORDS[name]
         system, turns = normalize_conversation(record["conversations"], record.get("system"))
         # the original writes "<s>" / "</s>" whatever the tokenizer's own strings are
-        ours = tokenize_conversation(turns, template, tokenizer, system, bos_token="<s>", eos_token="</s>")
+        ours = tokenize_conversation(
+            turns, template, tokenizer, system, bos_token="<s>", eos_token="</s>", strip_replies=False
+        )
         if trainable:
             mine = tokenize_conversation(turns, template, tokenizer, system)
             _assert_labels_are_the_replies(mine, tokenizer, template, turns, system)

@@ -274,8 +274,12 @@ def render_segments(
     bos_token: str = "<s>",
     eos_token: str = "</s>",
     mm_use_im_start_end: bool = False,
+    strip_replies: bool = True,
 ) -> list[Segment]:
-    """Render (role, text) turns to segments; replies (plus end token) are the supervised ones."""
+    """Render (role, text) turns to segments; replies (plus end token) are the supervised ones.
+
+    ``strip_replies``: whitespace around a reply is dropped (the original LLaVA keeps it; False does).
+    """
     system = template.system if system is None else system
     fill = {"bos": bos_token or "", "eos": eos_token or ""}
     segments = [Segment(template.prefix)] if template.prefix else []
@@ -294,7 +298,12 @@ def render_segments(
             )
             segments.append(Segment(sep + template.user_format.format(content=content, **fill) + head))
         else:
-            segments.append(Segment(template.assistant_format.format(content=text.strip(), **fill), True))
+            segments.append(
+                Segment(
+                    template.assistant_format.format(content=text.strip() if strip_replies else text, **fill),
+                    True,
+                )
+            )
             if template.assistant_suffix:
                 segments.append(Segment(template.assistant_suffix.format(**fill)))
     if template.suffix and turns and turns[-1][0] == "assistant":

@@ -134,6 +134,7 @@ def tokenize_conversation(
     mm_use_im_start_end: bool = False,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    strip_replies: bool = True,
 ) -> TokenizedConversation:
     """input_ids and labels of a whole conversation.
 
@@ -141,6 +142,7 @@ def tokenize_conversation(
     (BOS, system, user turns, role tags and image placeholders are never supervised).
     ``bos_token`` / ``eos_token`` replace the tokenizer's strings in the rendered text: the original
     LLaVA writes "<s>" / "</s>" whatever the tokenizer, which ``eos_token="</s>"`` reproduces.
+    ``strip_replies=False`` keeps the whitespace around replies, as the original does.
     """
     segments = render_segments(
         template,
@@ -149,6 +151,7 @@ def tokenize_conversation(
         bos_token=tokenizer.bos_token or "" if bos_token is None else bos_token,
         eos_token=tokenizer.eos_token or "" if eos_token is None else eos_token,
         mm_use_im_start_end=mm_use_im_start_end,
+        strip_replies=strip_replies,
     )
     reply_spans, pos = [], 0  # [start, end) characters of each supervised segment
     for seg in segments:
