@@ -15,6 +15,7 @@ class DataConfig:
         directory written by ``datasets.save_to_disk`` (or holding ``*.parquet`` files).
     image_folder: root that relative image paths resolve against; paths may not escape it.
     template: conversation template name (see conversation.TEMPLATES), e.g. plain for stage 1.
+    strip_replies: drop whitespace around replies (False: keep it, as the original LLaVA).
     image_aspect_ratio: pad | square | anyres | anyres_max_N.
     image_grid_pinpoints: anyres canvases, a list string "[[w, h], ...]" or range "(1x1),...,(3x3)".
     bad_record_policy: strict (raise at the bad record) | skip (count, log, use the next good one).
@@ -29,6 +30,7 @@ class DataConfig:
     data_path: str = ""
     image_folder: str = ""
     template: str = "vicuna_v1"
+    strip_replies: bool = True
     image_aspect_ratio: str = "pad"
     image_grid_pinpoints: str | None = None
     bad_record_policy: str = "strict"

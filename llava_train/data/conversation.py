@@ -1,17 +1,30 @@
 """Conversation templates: one frozen definition each, used for training labels and inference prompts.
 
 A conversation renders to a list of :class:`Segment` s, each a piece of text and whether it is
-supervised. Training tokenises the segments one by one (preprocess.py), so labels are built with the
-ids; inference joins the same segments into one prompt string. Names follow the original LLaVA
-(``plain``, ``vicuna_v1``/``v1``, ``llama_2``, ``mistral_instruct``, ``chatml``/``mpt``, ``llama_3``).
+supervised; preprocess.py tokenises the joined text as the original LLaVA does and labels the tokens
+that fall in supervised segments; inference uses the same text up to the assistant header.
 
-Placeholders ``{bos}`` / ``{eos}`` in a template are the tokenizer's BOS / EOS strings.
+The original LLaVA's templates (llava/conversation.py), with the same names, text and ids
+(tests/test_data_templates.py compares with its preprocess_* output): ``plain`` (``v0_plain``),
+``v0`` (``default``, ``llava_v0``), ``vicuna_v1`` (``v1``, ``vicuna``), ``llava_v1``, ``llama_2``,
+``llava_llama_2``, ``mistral_instruct``, ``mpt``, ``chatml_direct`` (``mistral_direct``). Ours
+besides: ``mistral_native`` (Mistral-Instruct's own format), ``chatml`` (``qwen``: newline after
+each ``<|im_end|>``), ``llama_3``. Deliberate differences (docs/FIDELITY.md has them all):
+
+- whitespace around a reply is stripped (``strip_replies=False`` keeps it, as the original);
+- ``{bos}`` / ``{eos}`` are the tokenizer's BOS / EOS strings, where the original writes "<s>" /
+  "</s>" whatever the tokenizer (preprocess.tokenize_conversation(eos_token="</s>") reproduces it);
+- several ``<image>`` tags in one turn stay one per image, each followed by "\\n", all at the turn's
+  start (the original keeps one tag per turn); ``plain`` accepts more than one round;
+- ``v0``: labels are the replies (the original's v0 mask drifts one token per sentence), and the
+  inference prompt uses the training layout (the original's ``get_prompt`` for v0 joins turns with
+  "###" and adds two example turns);
+- ``mpt`` / ``chatml_direct``: replies and their ``<|im_end|>`` are supervised (the original's round
+  arithmetic leaves out each ``<|im_end|>`` and drops every record on these tokenizers).
 """
 
 from __future__ import annotations
 
-import json
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -355,98 +368,3 @@ def _special_strings(tokenizer: Any) -> tuple[str, str]:
     if tokenizer is None:
         return "<s>", "</s>"
     return tokenizer.bos_token or "", tokenizer.eos_token or ""
-
-
-# ----------------------------------------------------------------------------------------------
-# The same layout as a Jinja chat template (transformers' apply_chat_template), for exports
-# ----------------------------------------------------------------------------------------------
-
-
-def _jinja_expr(fmt: str, **names: str) -> str:
-    """A Jinja expression of a ``str.format`` template: literals quoted, ``{field}`` -> names[field]."""
-    parts = []
-    for literal, field_name, _, _ in string.Formatter().parse(fmt):
-        if literal:
-            parts.append(json.dumps(literal))
-        if field_name is not None:
-            parts.append(names[field_name])
-    return " + ".join(parts) if parts else '""'
-
-
-def chat_template_jinja(template: Template, image_separator: str = "") -> str:
-    """A Jinja chat template rendering exactly :func:`render_prompt`'s text, without BOS.
-
-    As llava-hf's templates: the processor adds BOS when it tokenizes the text (``tokenizer.
-    apply_chat_template(tokenize=True)`` adds none, so it needs ``tokenizer(text)`` to get ours).
-
-    Messages are ``{role, content}`` with content a string (``<image>`` tags inline) or a list of
-    ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts, as llava-hf processors take;
-    a leading system message replaces the template's system. ``image_separator`` is written between
-    each ``<image>`` and the newline after it: on a tokenizer where text after a special token loses
-    SentencePiece's "▁", a " " restores the ids of a fresh chunk (what training saw). (plain: the
-    prompt ends at the image, nothing to restore.)
-    """
-    t = template
-    names = {"bos": "bos_token", "eos": "eos_token", "system": "ns.system", "content": "c"}
-    if t.image_only_user:
-        user_text = "('<image>' * n)"
-    else:
-        user_text = "(('<image>\\n') * n + rest) | trim"
-    lines = [
-        "{%- set ns = namespace(system=" + json.dumps(t.system) + ") -%}",
-        "{%- set msgs = messages -%}",
-        "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set s = messages[0]['content'] -%}",
-        "{%- if s is not string -%}{%- set s = s | selectattr('type', 'equalto', 'text') "
-        "| map(attribute='text') | join('') -%}{%- endif -%}",
-        "{%- set ns.system = s -%}{%- set msgs = messages[1:] -%}",
-        "{%- endif -%}",
-        "{{- " + json.dumps(t.prefix) + " -}}" if t.prefix else "",
-    ]
-    if t.system_in_first_user is None:
-        cond = "true" if t.empty_system_block else "ns.system"
-        lines.append(
-            "{%- if " + cond + " -%}{{- " + _jinja_expr(t.system_format, **names) + " -}}{%- endif -%}"
-        )
-    lines += [
-        "{%- for m in msgs -%}",
-        "{%- if m['content'] is string -%}",
-        "{%- set n = m['content'].count('<image>') -%}{%- set text = m['content'] -%}",
-        "{%- else -%}",
-        "{%- set n = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}",
-        "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
-        "| join('') -%}",
-        "{%- endif -%}",
-        "{%- if m['role'] == 'user' -%}",
-        "{%- set rest = text.replace('<image>', '') | trim -%}",
-        "{%- if n > 0 -%}{%- set c = "
-        + user_text
-        + " -%}"
-        + ("{%- else -%}{%- set c = '' -%}" if t.image_only_user else "{%- else -%}{%- set c = text -%}")
-        + "{%- endif -%}",
-    ]
-    if t.system_in_first_user is not None:
-        folded = _jinja_expr(t.system_in_first_user, **names)
-        lines.append("{%- if loop.first and ns.system -%}{%- set c = " + folded + " -%}{%- endif -%}")
-    if image_separator:
-        sep = json.dumps(DEFAULT_IMAGE_TOKEN + image_separator + "\n")
-        lines.append("{%- set c = c.replace('<image>\\n', " + sep + ") -%}")
-    lines += [
-        "{%- if not loop.first -%}{{- " + _jinja_expr(t.turn_separator, **names) + " -}}{%- endif -%}",
-        "{{- " + _jinja_expr(t.user_format, **names) + " -}}",
-        "{%- if not loop.last or add_generation_prompt -%}{{- "
-        + _jinja_expr(t.assistant_header, **names)
-        + " -}}{%- endif -%}",
-        "{%- else -%}",
-        "{%- set c = text | trim -%}",
-        "{{- " + _jinja_expr(t.assistant_format + t.assistant_suffix, **names) + " -}}",
-        "{%- endif -%}",
-        "{%- endfor -%}",
-    ]
-    if t.suffix:
-        lines.append(
-            "{%- if msgs and msgs[-1]['role'] == 'assistant' -%}{{- "
-            + json.dumps(t.suffix)
-            + " -}}{%- endif -%}"
-        )
-    return "".join(line for line in lines if line)

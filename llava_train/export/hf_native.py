@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from llava_train.constants import DEFAULT_IMAGE_TOKEN
-from llava_train.data.conversation import Template, chat_template_jinja, get_template
+from llava_train.data.chat_template import chat_template_jinja
+from llava_train.data.conversation import Template, get_template
 from llava_train.data.image import CLIP_MEAN, CLIP_STD
 from llava_train.data.preprocess import encode_chunk
 from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
