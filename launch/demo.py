@@ -226,7 +226,7 @@ def main() -> None:
              out / "merged", TOKENIZER, out / "hf")  # fmt: skip
     from llava_train.export import load_original
 
-    export_hf(load_original(out / "merged"), load_tokenizer(TOKENIZER), out / "hf")
+    export_hf(load_original(out / "merged"), load_tokenizer(TOKENIZER), out / "hf", template=TEMPLATE)
 
     log.info("6/6 $ python launch/eval.py model_dir=%s ...", out / "hf")
     metrics = run_eval(

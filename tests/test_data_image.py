@@ -81,9 +81,16 @@ def test_expand2square_pads_with_mean(processor):
     assert pixels[:, :, 0, 0].abs().max() < 0.02  # the padding normalises to ~0
 
 
-def test_square_resizes(processor):
-    pixels, sizes = process_images([Image.new("RGB", (30, 90))] * 2, processor, "square")
+def test_square_is_shortest_edge_resize_and_centre_crop(processor):
+    """As the original LLaVA: the CLIP processor's resize (short side to S) + centre crop, no stretch."""
+    image = Image.new("RGB", (30, 90), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 30, 30, 60))  # the middle third blue: all the crop keeps
+    pixels, sizes = process_images([image] * 2, processor, "square")
     assert pixels.shape == (2, 3, 56, 56) and sizes == [(30, 90)] * 2
+    blue = processor(images=[Image.new("RGB", (56, 56), (0, 0, 255))], return_tensors="pt")["pixel_values"]
+    inner = (slice(None), slice(4, -4))  # bicubic blends the rows next to the crop edges
+    assert torch.allclose(pixels[0][inner], torch.as_tensor(blue[0])[inner], atol=0.05)  # stretched: red rows
+    assert torch.equal(process_images([image], processor, "crop")[0][0], pixels[0])  # any other value
 
 
 def test_anyres_crops_order_and_padding(processor):
@@ -99,6 +106,4 @@ def test_anyres_crops_order_and_padding(processor):
     assert grid[0].shape == (5, 3, 56, 56)
     with pytest.raises(ValueError, match="grid_pinpoints"):
         process_images([image], processor, "anyres")
-    with pytest.raises(ValueError, match="image_aspect_ratio"):
-        process_images([image], processor, "stretch")
     assert torch.is_floating_point(pixels[0])

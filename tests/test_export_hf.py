@@ -13,12 +13,20 @@ import torch
 from PIL import Image
 
 from llava_train.constants import IMAGE_TOKEN_INDEX
-from llava_train.data import build_image_processor, load_tokenizer, process_images, tokenizer_image_token
+from llava_train.data import (
+    build_image_processor,
+    load_tokenizer,
+    process_images,
+    render_prompt,
+    tokenizer_image_token,
+)
 from llava_train.export import export_hf, import_hf, native_kind
 from llava_train.model import ModelConfig, build_llava_config, build_model
 
 LOGITS_ATOL = 1e-4
-PROMPT = "USER: <image>\nWhat is shown here? ASSISTANT:"
+TEMPLATE = "vicuna_v1"
+TURNS = [("user", "<image>\nWhat is shown here?")]
+MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown here?"}]}]
 FLAT = dict(mm_patch_merge_type="flat", image_aspect_ratio="pad")
 
 
@@ -42,7 +50,8 @@ def _image(width: int = 90, height: int = 50) -> Image.Image:
 
 def _ours_inputs(model, tokenizer, image):
     cfg = model.config
-    ids = tokenizer_image_token(PROMPT, tokenizer, return_tensors="pt")[None]  # [1, s]
+    prompt = render_prompt(TEMPLATE, TURNS, tokenizer=tokenizer)
+    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]  # [1, s]
     processor = build_image_processor(model.get_vision_tower().image_size)
     pixels, sizes = process_images([image], processor, cfg.image_aspect_ratio, cfg.image_grid_pinpoints)
     return ids, pixels, sizes
@@ -69,7 +78,7 @@ def _native_pixels(pixels) -> torch.Tensor:
 def _roundtrip(model, tokenizer, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    export_hf(model, tokenizer, tmp_path)
+    export_hf(model, tokenizer, tmp_path, template=TEMPLATE)
     native = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
     return native, AutoProcessor.from_pretrained(tmp_path)
 
@@ -93,7 +102,20 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     assert native.config.text_config.model_type == type(model.config).__bases__[0].model_type
     image = _image()
     ids, pixels, sizes = _ours_inputs(model, tokenizer, image)
-    inputs = processor(images=image, text=PROMPT, return_tensors="pt")
+    # the exported chat template builds the prompt; "▁" after the image as in training (non-legacy SP)
+    text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert text == processor.tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False
+    )
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    direct = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": image}, *MESSAGES[0]["content"][1:]]}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    assert torch.equal(direct["input_ids"], inputs["input_ids"])
     image_id = native.config.image_token_index
 
     # the processor: same text ids, as many image tokens as our merge makes, same pixels

@@ -20,6 +20,7 @@ class DataConfig:
         directory written by ``datasets.save_to_disk`` (or holding ``*.parquet`` files).
     image_folder: root that relative image paths resolve against; paths may not escape it.
     template: conversation template name (see conversation.TEMPLATES), e.g. plain for stage 1.
+    strip_replies: drop whitespace around replies (False: keep it, as the original LLaVA).
     image_aspect_ratio: None = the model's; pad or square override it with one crop per image (as
         LLaVA-1.6's stage 1 runs pad on an anyres model).
     bad_record_policy: strict (raise at the bad record) | skip (count, log, use the next good one).
@@ -33,6 +34,7 @@ class DataConfig:
     data_path: str = ""
     image_folder: str = ""
     template: str = "vicuna_v1"
+    strip_replies: bool = True
     image_aspect_ratio: str | None = None
     bad_record_policy: str = "strict"
     max_image_pixels: int = 64_000_000

@@ -1,11 +1,26 @@
 """Conversation templates: one frozen definition each, used for training labels and inference prompts.
 
 A conversation renders to a list of :class:`Segment` s, each a piece of text and whether it is
-supervised. Training tokenises the segments one by one (preprocess.py), so labels are built with the
-ids; inference joins the same segments into one prompt string. Names follow the original LLaVA
-(``plain``, ``vicuna_v1``/``v1``, ``llama_2``, ``mistral_instruct``, ``chatml``/``mpt``, ``llama_3``).
+supervised; preprocess.py tokenises the joined text as the original LLaVA does and labels the tokens
+that fall in supervised segments; inference uses the same text up to the assistant header.
 
-Placeholders ``{bos}`` / ``{eos}`` in a template are the tokenizer's BOS / EOS strings.
+The original LLaVA's templates (llava/conversation.py), with the same names, text and ids
+(tests/test_data_templates.py compares with its preprocess_* output): ``plain`` (``v0_plain``),
+``v0`` (``default``, ``llava_v0``), ``vicuna_v1`` (``v1``, ``vicuna``), ``llava_v1``, ``llama_2``,
+``llava_llama_2``, ``mistral_instruct``, ``mpt``, ``chatml_direct`` (``mistral_direct``). Ours
+besides: ``mistral_native`` (Mistral-Instruct's own format), ``chatml`` (``qwen``: newline after
+each ``<|im_end|>``), ``llama_3``. Deliberate differences (docs/FIDELITY.md has them all):
+
+- whitespace around a reply is stripped (``strip_replies=False`` keeps it, as the original);
+- ``{bos}`` / ``{eos}`` are the tokenizer's BOS / EOS strings, where the original writes "<s>" /
+  "</s>" whatever the tokenizer (preprocess.tokenize_conversation(eos_token="</s>") reproduces it);
+- several ``<image>`` tags in one turn stay one per image, each followed by "\\n", all at the turn's
+  start (the original keeps one tag per turn); ``plain`` accepts more than one round;
+- ``v0``: labels are the replies (the original's v0 mask drifts one token per sentence), and the
+  inference prompt uses the training layout (the original's ``get_prompt`` for v0 joins turns with
+  "###" and adds two example turns);
+- ``mpt`` / ``chatml_direct``: replies and their ``<|im_end|>`` are supervised (the original's round
+  arithmetic leaves out each ``<|im_end|>`` and drops every record on these tokenizers).
 """
 
 from __future__ import annotations
@@ -42,7 +57,8 @@ class Template:
 
     Rendered order: prefix, system block (unless folded into the first user turn), then per round:
     turn_separator (not before the first), user_format, assistant_header, assistant_format (the only
-    supervised part), assistant_suffix. A generation prompt stops after assistant_header.
+    supervised part), assistant_suffix; after the last reply, ``suffix``. A generation prompt stops
+    after assistant_header.
     """
 
     name: str
@@ -50,60 +66,125 @@ class Template:
     prefix: str = ""
     add_bos: bool = True  # prepend the tokenizer's BOS when the tokenizer adds one by default
     system_format: str = "{system}"
+    empty_system_block: bool = False  # render system_format even for an empty system (as the original)
     system_in_first_user: str | None = None  # format folding the system into the first user text
     turn_separator: str = ""
     user_format: str = "{content}"
     assistant_header: str = ""
     assistant_format: str = "{content}{eos}"
     assistant_suffix: str = ""
+    suffix: str = ""  # after the last reply (training text only)
+    stop: str = ""  # the text that ends a reply when it is not the end of assistant_format
     image_only_user: bool = False  # plain: the user turn is reduced to its image tags
     required_tokens: tuple[str, ...] = ()
 
     def stop_string(self, eos_token: str = "</s>") -> str:
         """Text that ends a generated reply (for generation stopping criteria)."""
+        if self.stop:
+            return self.stop
         end = self.assistant_format.split("{content}", 1)[1]
-        return end.replace("{eos}", eos_token) or eos_token
+        return end.replace("{eos}", eos_token).strip() or eos_token
 
 
-_VICUNA_SYSTEM = (
+_HUMAN_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+_USER_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 _LLAVA_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content "
     "that the user provides, and assist the user with a variety of tasks using natural language."
 )
+_LLAMA2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while "
+    "being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, "
+    "dangerous, or illegal content. Please ensure that your responses are socially unbiased and "
+    "positive in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain "
+    "why instead of answering something not correct. If you don't know the answer to a question, "
+    "please don't share false information."
+)
+_MPT_SYSTEM = (
+    "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest "
+    "answers."
+)
 _LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def _vicuna(name: str, system: str) -> Template:
+    """LLaVA-1.5's ``v1`` layout: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."."""
+    return Template(
+        name,
+        system=system,
+        system_format="{system} ",
+        empty_system_block=True,
+        user_format="USER: {content} ",
+        assistant_header="ASSISTANT:",
+        assistant_format=" {content}{eos}",
+    )
+
+
+def _llama2(name: str, system: str, turn_separator: str) -> Template:
+    """The original's LLAMA_2 style: "[INST] <<SYS>>..<</SYS>>\n\nq [/INST] a </s>"; ``system`` may be ""."""
+    return Template(
+        name,
+        system=system,
+        system_format="",
+        system_in_first_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
+        turn_separator=turn_separator,
+        user_format="[INST] {content} [/INST]",
+        assistant_format=" {content} {eos}",
+    )
+
+
+def _mpt(name: str, system: str) -> Template:
+    """The original's MPT style: ChatML with no newline after ``<|im_end|>``."""
+    return Template(
+        name,
+        system=system,
+        system_format="<|im_start|>system\n{system}<|im_end|>",
+        empty_system_block=True,
+        user_format="<|im_start|>user\n{content}<|im_end|>",
+        assistant_header="<|im_start|>assistant\n",
+        assistant_format="{content}<|im_end|>",
+        # As single tokens: generation stops on <|im_end|> only if it is one (eval.stop_token_ids).
+        required_tokens=_CHATML_TOKENS,
+    )
+
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
         Template("plain", image_only_user=True, assistant_format="{content}\n"),
         Template(
-            "vicuna_v1",
-            system=_VICUNA_SYSTEM,
-            system_format="{system} ",
-            user_format="USER: {content} ",
-            assistant_header="ASSISTANT:",
-            assistant_format=" {content}{eos}",
+            "v0",
+            system=_HUMAN_SYSTEM,
+            system_format="{system}\n\n",
+            empty_system_block=True,
+            user_format="### Human: {content}\n",
+            assistant_header="### Assistant:",
+            assistant_format=" {content}\n",
+            suffix="### ",
+            stop="###",
         ),
-        Template(
-            "llama_2",
-            system=_LLAVA_SYSTEM,
-            system_format="",
-            system_in_first_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
-            turn_separator="{bos}",
-            user_format="[INST] {content} [/INST]",
-            assistant_format=" {content} {eos}",
-        ),
-        Template(
-            "mistral_instruct",
+        _vicuna("vicuna_v1", _USER_SYSTEM),
+        _vicuna("llava_v1", _HUMAN_SYSTEM),
+        _llama2("llama_2", _LLAMA2_SYSTEM, "{bos}"),
+        _llama2("llava_llama_2", _LLAVA_SYSTEM, "{bos}"),
+        _llama2("mistral_instruct", "", ""),
+        Template(  # Mistral-7B-Instruct's own format (not the original LLaVA's mistral_instruct)
+            "mistral_native",
             system_format="",
             system_in_first_user="{system}\n\n{content}",
             user_format="[INST] {content} [/INST]",
             assistant_format=" {content}{eos}",
         ),
-        Template(
+        _mpt("mpt", _MPT_SYSTEM),
+        _mpt("chatml_direct", "Answer the questions."),
+        Template(  # Qwen / SmolLM2 ChatML: a newline after every <|im_end|>
             "chatml",
             system="You are a helpful assistant.",
             system_format="<|im_start|>system\n{system}<|im_end|>\n",
@@ -111,8 +192,7 @@ TEMPLATES: dict[str, Template] = {
             assistant_header="<|im_start|>assistant\n",
             assistant_format="{content}<|im_end|>",
             assistant_suffix="\n",
-            # As single tokens: generation stops on <|im_end|> only if it is one (eval.stop_token_ids).
-            required_tokens=("<|im_start|>", "<|im_end|>"),
+            required_tokens=_CHATML_TOKENS,
         ),
         Template(
             "llama_3",
@@ -128,11 +208,13 @@ TEMPLATES: dict[str, Template] = {
     )
 }
 _ALIASES = {
+    "default": "v0",
+    "llava_v0": "v0",
+    "v0_plain": "plain",
     "v1": "vicuna_v1",
     "vicuna": "vicuna_v1",
-    "mpt": "chatml",
+    "mistral_direct": "chatml_direct",
     "qwen": "chatml",
-    "llava_llama_2": "llama_2",
 }
 
 
@@ -205,12 +287,16 @@ def render_segments(
     bos_token: str = "<s>",
     eos_token: str = "</s>",
     mm_use_im_start_end: bool = False,
+    strip_replies: bool = True,
 ) -> list[Segment]:
-    """Render (role, text) turns to segments; replies (plus end token) are the supervised ones."""
+    """Render (role, text) turns to segments; replies (plus end token) are the supervised ones.
+
+    ``strip_replies``: whitespace around a reply is dropped (the original LLaVA keeps it; False does).
+    """
     system = template.system if system is None else system
     fill = {"bos": bos_token or "", "eos": eos_token or ""}
     segments = [Segment(template.prefix)] if template.prefix else []
-    if system and template.system_in_first_user is None:
+    if (system or template.empty_system_block) and template.system_in_first_user is None:
         segments.append(Segment(template.system_format.format(system=system, **fill)))
     for i, (role, text) in enumerate(turns):
         if role == "user":
@@ -225,9 +311,16 @@ def render_segments(
             )
             segments.append(Segment(sep + template.user_format.format(content=content, **fill) + head))
         else:
-            segments.append(Segment(template.assistant_format.format(content=text.strip(), **fill), True))
+            segments.append(
+                Segment(
+                    template.assistant_format.format(content=text.strip() if strip_replies else text, **fill),
+                    True,
+                )
+            )
             if template.assistant_suffix:
                 segments.append(Segment(template.assistant_suffix.format(**fill)))
+    if template.suffix and turns and turns[-1][0] == "assistant":
+        segments.append(Segment(template.suffix))
     return _merge_unsupervised(segments)
 
 

@@ -175,7 +175,12 @@ class LazySupervisedDataset(Dataset):
 
     def _tokenize(self, system: str | None, turns: list) -> TokenizedConversation:
         return tokenize_conversation(
-            turns, self.template, self.tokenizer, system, mm_use_im_start_end=self.vision.mm_use_im_start_end
+            turns,
+            self.template,
+            self.tokenizer,
+            system,
+            mm_use_im_start_end=self.vision.mm_use_im_start_end,
+            strip_replies=self.cfg.strip_replies,
         )
 
     def _build(self, record: Any, index: int, record_id: str) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Image loading with validation, and the pad / square / anyres preprocessing of LLaVA.
 
+As the original LLaVA's dataset: ``pad`` pads to a square of the processor's mean colour first,
+anyres crops a grid, and every other ``image_aspect_ratio`` (``square`` included) hands the image to
+the CLIP processor unchanged: shortest edge resized to S, then an S x S centre crop.
+
 Shapes: S = the vision tower's input side (crop size); an anyres image becomes [1 + crops, 3, S, S]
 (the resized whole image first, then the crops row by row); image sizes are PIL (width, height).
 Normalisation goes through the tower's image processor (transformers', built from sizes: no hub access).
@@ -185,8 +189,9 @@ def process_images(
 ) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int]]]:
     """Pixel tensors and (w, h) sizes of RGB images.
 
-    pad: expand2square with the processor's mean colour -> [n, 3, S, S]; square: plain resize to S x S;
-    anyres / anyres_max_N: list of [1 + crops, 3, S, S] (needs ``grid_pinpoints``).
+    pad: expand2square with the processor's mean colour -> [n, 3, S, S]; anyres / anyres_max_N: list
+    of [1 + crops, 3, S, S] (needs ``grid_pinpoints``); any other value (square, as the original LLaVA):
+    the processor's shortest-edge resize to S and centre crop -> [n, 3, S, S].
     """
     sizes = [tuple(im.size) for im in images]
     if is_anyres(image_aspect_ratio):
@@ -196,12 +201,8 @@ def process_images(
     crop = processor_crop_size(image_processor)
     if image_aspect_ratio == "pad":
         prepared = [expand2square(im, mean_colour(image_processor)) for im in images]
-    elif image_aspect_ratio == "square":
-        prepared = [im.resize((crop, crop)) for im in images]
     else:
-        raise ValueError(
-            f"unknown image_aspect_ratio {image_aspect_ratio!r}; use pad, square, anyres, anyres_max_N"
-        )
+        prepared = list(images)
     if not prepared:
         return torch.empty(0, 3, crop, crop), []
     return _normalize(prepared, image_processor), sizes  # [n, 3, S, S]

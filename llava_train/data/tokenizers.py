@@ -34,8 +34,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LLAVA_TRAIN_CACHE", Path.home() / ".cache" / "llava_train"))
 
 
-def _load_mistral(cache_dir: Path) -> Any:
-    """Mistral-7B v0.1 tokenizer (Llama-2 SentencePiece layout, 32000 pieces), BOS added."""
+def _load_mistral(cache_dir: Path, legacy: bool = False) -> Any:
+    """Mistral-7B v0.1 tokenizer (Llama-2 SentencePiece layout, 32000 pieces), BOS added.
+
+    ``legacy=False``: text right after a special token gets no spurious leading "▁" (the default).
+    ``legacy=True`` is what the original LLaVA-1.5 / 1.6 trained with (transformers' slow Llama
+    tokenizer default then): "</s>USER" encodes as "</s>", "▁US", "ER" instead of "</s>", "USER".
+    """
     from transformers import LlamaTokenizer
 
     model_file = _package_dir("mistral_common") / "data" / "tokenizer.model.v1"
@@ -43,8 +48,7 @@ def _load_mistral(cache_dir: Path) -> Any:
     if not (src / "tokenizer.model").is_file():
         src.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(model_file, src / "tokenizer.model")
-    # legacy=False: text right after a special token gets no spurious leading space.
-    return LlamaTokenizer.from_pretrained(str(src), legacy=False, add_bos_token=True, add_eos_token=False)
+    return LlamaTokenizer.from_pretrained(str(src), legacy=legacy, add_bos_token=True, add_eos_token=False)
 
 
 def _load_smollm2(cache_dir: Path) -> Any:
@@ -68,12 +72,13 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
     """A transformers tokenizer by short name or local directory, with a pad token set.
 
     Args:
-        name_or_path: "mistral", "smollm2", or a local HF tokenizer directory.
+        name_or_path: "mistral", "mistral_legacy" (the same model with ``legacy=True``), "smollm2",
+            or a local HF tokenizer directory.
         cache_dir: where converted tokenizers are cached (default: :func:`default_cache_dir`).
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if name_or_path == "mistral":
-        tokenizer = _load_mistral(cache)
+    if name_or_path in ("mistral", "mistral_legacy"):
+        tokenizer = _load_mistral(cache, legacy=name_or_path == "mistral_legacy")
     elif name_or_path == "smollm2":
         tokenizer = _load_smollm2(cache)
     elif Path(name_or_path).is_dir():
@@ -82,7 +87,7 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     else:
         raise FileNotFoundError(
-            f"tokenizer {name_or_path!r}: not 'mistral', 'smollm2' or a local directory "
+            f"tokenizer {name_or_path!r}: not 'mistral', 'mistral_legacy', 'smollm2' or a local directory "
             "(no hub downloads: save the tokenizer with save_pretrained and pass its path)"
         )
     ensure_pad_token(tokenizer)

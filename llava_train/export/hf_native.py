@@ -34,6 +34,9 @@ import torch
 from torch import nn
 
 from llava_train.constants import DEFAULT_IMAGE_TOKEN
+from llava_train.data.chat_template import chat_template_jinja
+from llava_train.data.conversation import Template, get_template
+from llava_train.data.preprocess import encode_chunk
 from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava_train.model.anyres import parse_grid_pinpoints
 from llava_train.model.families import family_class, family_of_native, native_text_config_class
@@ -216,11 +219,35 @@ def native_image_processor(model: LlavaLlamaForCausalLM) -> Any:
         resample=3,  # bicubic, as PIL's default resize in our pipeline
     )
     if native_kind(config) == "llava":
-        if config.image_aspect_ratio == "square":  # ours: a plain S x S resize, no crop
-            return LlavaImageProcessorPil(**{**common, "size": {"height": side, "width": side}}, do_pad=False)
-        return LlavaImageProcessorPil(**common, do_pad=True)
+        # pad: pad to square first; anything else: shortest-edge resize + centre crop (data/image.py)
+        return LlavaImageProcessorPil(**common, do_pad=config.image_aspect_ratio == "pad")
     pinpoints = swap_pinpoints(parse_grid_pinpoints(config.image_grid_pinpoints, side))
     return LlavaNextImageProcessorPil(**common, image_grid_pinpoints=pinpoints)
+
+
+def _image_separator(tokenizer: Any, native_tok: Any) -> str:
+    """What the chat template writes after ``<image>`` so the native ids equal ours after an image.
+
+    Ours (and the original LLaVA's) encode the text after an image as a fresh string; the native
+    tokenizer encodes it right after the special ``<image>`` token, where a non-legacy SentencePiece
+    tokenizer adds no "▁": a " " puts it back. Byte-level BPE and legacy SentencePiece need nothing.
+    """
+    image_id = native_tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+    probe = "\nWhat is it?"  # the text after an image in a user turn starts with its newline
+    for sep in ("", " "):
+        got = native_tok(DEFAULT_IMAGE_TOKEN + sep + probe, add_special_tokens=False)["input_ids"]
+        if got == [image_id, *encode_chunk(probe, tokenizer)[0]]:
+            return sep
+    raise ValueError(
+        f"{type(tokenizer).__name__}: no separator after <image> gives the training ids in the native "
+        "tokenizer; export without template= and build prompts with tokenizer_image_token"
+    )
+
+
+def native_chat_template(template: str | Template, tokenizer: Any, native_tok: Any) -> str:
+    """Jinja chat template rendering ``template``'s prompt; the processor's ids of it equal ours."""
+    template = get_template(template) if isinstance(template, str) else template
+    return chat_template_jinja(template, image_separator=_image_separator(tokenizer, native_tok))
 
 
 def native_processor(model: LlavaLlamaForCausalLM, tokenizer: Any, chat_template: str | None = None) -> Any:
@@ -255,15 +282,26 @@ def to_native_model(model: LlavaLlamaForCausalLM, image_token_index: int) -> nn.
 
 
 def export_hf(
-    model: LlavaLlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, chat_template: str | None = None
+    model: LlavaLlamaForCausalLM,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    chat_template: str | None = None,
+    template: str | Template | None = None,
 ) -> Path:
     """Write ``model`` + processor to ``out_dir`` in the transformers-native format; returns the dir.
 
     Load it back with ``AutoModelForImageTextToText.from_pretrained(out_dir)`` and
-    ``AutoProcessor.from_pretrained(out_dir)``.
+    ``AutoProcessor.from_pretrained(out_dir)``. ``template`` (the conversation template the model was
+    trained with) gives the processor and tokenizer a ``chat_template``, so
+    ``processor.apply_chat_template(messages, add_generation_prompt=True)`` builds our prompt ids;
+    ``chat_template`` sets a Jinja string directly instead.
     """
     native_kind(model.config)  # refuse early, before copying anything
     tok, image_id = native_tokenizer(tokenizer)
+    if chat_template is None and template is not None:
+        chat_template = native_chat_template(template, tokenizer, tok)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     native = to_native_model(model, image_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ class ExportConfig:
     )
     tokenizer: str | None = None  # merge / hf: "mistral", "smollm2" or a tokenizer dir (saved with the model)
     dtype: str = "float32"
+    template: str | None = None  # hf: the chat template's conversation template (None: data.template of
+    # <model_dir>/config.yaml; without either the export has no chat template)
 
 
 def register_export_config(name: str = "llava_export") -> None:
@@ -57,6 +59,17 @@ def _need(cfg: ExportConfig, *keys: str) -> None:
     parse_dtype(cfg.dtype)  # fail before anything is loaded
 
 
+def _run_template(model_dir: str) -> str | None:
+    """``data.template`` of the training run's config.yaml next to the model, if there is one."""
+    run_config = Path(model_dir) / "config.yaml"
+    if not run_config.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    found = OmegaConf.select(OmegaConf.load(run_config), "data.template")
+    return str(found) if found else None
+
+
 def run_export(cfg: ExportConfig) -> Path:
     """Run ``cfg.op``; returns the output directory."""
     from llava_train.data import load_tokenizer
@@ -72,7 +85,15 @@ def run_export(cfg: ExportConfig) -> Path:
             load_tokenizer(cfg.tokenizer).save_pretrained(out)
     elif op == ExportOp.hf:
         _need(cfg, "model_dir", "tokenizer")
-        export_hf(load_original(cfg.model_dir, dtype=dtype), load_tokenizer(cfg.tokenizer), out)
+        model, template = (
+            load_original(cfg.model_dir, dtype=dtype),
+            cfg.template or _run_template(cfg.model_dir),
+        )
+        if template is None:
+            logger.warning(
+                "no template= and no data.template in %s/config.yaml: no chat template", cfg.model_dir
+            )
+        export_hf(model, load_tokenizer(cfg.tokenizer), out, template=template)
     else:
         _need(cfg, "model_dir")
         import_hf(cfg.model_dir, dtype=dtype).save_pretrained(out)
