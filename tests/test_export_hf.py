@@ -6,16 +6,21 @@ pixel values; the processors' pixel values agree with our data pipeline to PIXEL
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 from llava_train.constants import IMAGE_TOKEN_INDEX
-from llava_train.data import build_image_processor, load_tokenizer, process_images, tokenizer_image_token
+from llava_train.data import load_tokenizer, process_images, tokenizer_image_token
 from llava_train.export import export_hf, import_hf, native_kind
 from llava_train.model import ModelConfig, build_llava_config, build_model
+from llava_train.model.anyres import num_image_tokens, parse_grid_pinpoints
 
 LOGITS_ATOL = 1e-4
 PROMPT = "USER: <image>\nWhat is shown here? ASSISTANT:"
@@ -43,7 +48,7 @@ def _image(width: int = 90, height: int = 50) -> Image.Image:
 def _ours_inputs(model, tokenizer, image):
     cfg = model.config
     ids = tokenizer_image_token(PROMPT, tokenizer, return_tensors="pt")[None]  # [1, s]
-    processor = build_image_processor(model.get_vision_tower().image_size)
+    processor = model.get_vision_tower().image_processor()
     pixels, sizes = process_images([image], processor, cfg.image_aspect_ratio, cfg.image_grid_pinpoints)
     return ids, pixels, sizes
 
@@ -71,7 +76,42 @@ def _roundtrip(model, tokenizer, tmp_path):
 
     export_hf(model, tokenizer, tmp_path)
     native = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    if native.config.model_type == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
+        return native, _onevision_processor_parts(tmp_path)
     return native, AutoProcessor.from_pretrained(tmp_path)
+
+
+def _onevision_processor_parts(path):
+    """What LlavaOnevisionProcessor does for one image, from the saved files, with transformers' code only.
+
+    The processor object needs torchvision (its video processor), absent here: its image processor and
+    tokenizer are loaded with the Auto classes and its own token count (``_get_number_of_features``,
+    called on a stand-in holding the saved processor_config.json) expands ``<image>``.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionProcessor
+
+    fields = json.loads((path / "processor_config.json").read_text())
+    assert fields["processor_class"] == "LlavaOnevisionProcessor"
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    assert type(image_processor).__name__.startswith("LlavaOnevisionImageProcessor")
+    tok = AutoTokenizer.from_pretrained(path)
+    counter = SimpleNamespace(image_processor=image_processor, **fields)
+    counter._get_unpadded_features = functools.partial(
+        LlavaOnevisionProcessor._get_unpadded_features, counter
+    )
+
+    def process(images, text, return_tensors):
+        out = image_processor(images=[images], return_tensors=return_tensors)
+        height, width = out["image_sizes"][0].tolist()
+        side = out["pixel_values"].shape[-1]
+        n = LlavaOnevisionProcessor._get_number_of_features(counter, height, width, side, side)
+        n -= fields["vision_feature_select_strategy"] == "default"
+        ids = tok(
+            text.replace(fields["image_token"], fields["image_token"] * n), return_tensors=return_tensors
+        )
+        return {**out, **ids}
+
+    return process
 
 
 # (preset, native class): every LLM family exports to the native classes with its own text config
@@ -81,7 +121,10 @@ EXPORT_CASES = [
     ("tiny_mistral", "llava_next"),
     ("tiny_qwen3", "llava"),
     ("tiny_gemma3", "llava_next"),
+    ("tiny_qwen2_siglip", "llava_onevision"),
 ]
+# OneVision: an image large enough for anyres_max_4 to downscale its 3 x 2 grid of 56 px crops
+IMAGE_SIZE = {"llava_onevision": (250, 150)}
 
 
 @pytest.mark.parametrize("preset,kind", EXPORT_CASES)
@@ -91,7 +134,7 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     native, processor = _roundtrip(model, tokenizer, tmp_path)
     assert native.config.model_type == kind
     assert native.config.text_config.model_type == type(model.config).__bases__[0].model_type
-    image = _image()
+    image = _image(*IMAGE_SIZE.get(kind, (90, 50)))
     ids, pixels, sizes = _ours_inputs(model, tokenizer, image)
     inputs = processor(images=image, text=PROMPT, return_tensors="pt")
     image_id = native.config.image_token_index
@@ -102,6 +145,11 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     with torch.no_grad():
         n_features = model.image_features(pixels, sizes)[0].shape[0]
     assert count == n_features
+    if kind == "llava_onevision":  # the anyres_max downscale did shrink the grid's feature map
+        tower = model.get_vision_tower()
+        geometry = dict(image_grid_pinpoints=model.config.image_grid_pinpoints, crop_size=tower.image_size,
+                        patches_per_side=tower.num_patches_per_side, mm_patch_merge_type="spatial_unpad")  # fmt: skip
+        assert n_features < num_image_tokens(image.size, image_aspect_ratio="anyres", **geometry)
     diff = (inputs["pixel_values"] - _native_pixels(pixels)).abs()
     # same resize, pad colour (int(mean * 255) = (122, 116, 104) for pad), black anyres pad, crops and base
     assert diff.max().item() == 0
@@ -112,7 +160,7 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
         attention_mask=inputs["attention_mask"],
         pixel_values=_native_pixels(pixels),
     )
-    if kind == "llava_next":
+    if kind != "llava":
         native_kwargs["image_sizes"] = torch.tensor([[h, w] for w, h in sizes])  # native: (h, w)
     with torch.no_grad():
         want = model(input_ids=ids, images=pixels, image_sizes=sizes).logits  # [1, T, V]
@@ -129,8 +177,10 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     back = import_hf(tmp_path)
     assert type(back) is type(model)  # the native text config's family comes back
     assert back.config.image_aspect_ratio == model.config.image_aspect_ratio
-    if kind == "llava_next":
-        assert back.config.image_grid_pinpoints == model.config.image_grid_pinpoints
+    if kind != "llava":
+        side = model.get_vision_tower().image_size
+        grid = [parse_grid_pinpoints(c.image_grid_pinpoints, side) for c in (back.config, model.config)]
+        assert grid[0] == grid[1]
     with torch.no_grad():
         again = back(input_ids=ids, images=pixels, image_sizes=sizes).logits
     assert (again[..., :vocab] - want).abs().max().item() <= LOGITS_ATOL
@@ -178,7 +228,10 @@ def test_import_native_checkpoint_same_logits(tmp_path):
         (dict(mm_projector_type="linear"), "mm_projector_type='linear'"),
         (dict(mm_projector_type="mlp3x_gelu"), "only 'mlp2x_gelu' maps"),
         (dict(mm_patch_merge_type="spatial"), "mm_patch_merge_type='spatial'"),
-        (dict(image_aspect_ratio="anyres_max_4"), "image_aspect_ratio='anyres_max_4'"),
+        (
+            dict(image_aspect_ratio="anyres_max_4", mm_patch_merge_type="flat"),
+            "image_aspect_ratio='anyres_max_4'",
+        ),
     ],
 )
 def test_export_refuses_unmappable_models(overrides, reason):
