@@ -18,7 +18,7 @@ from PIL import Image
 
 from llava_train.constants import IMAGE_TOKEN_INDEX
 from llava_train.data import load_tokenizer, process_images, tokenizer_image_token
-from llava_train.export import export_hf, import_hf, native_kind
+from llava_train.export import export_hf, import_hf, native_kind, to_native_model
 from llava_train.model import ModelConfig, build_llava_config, build_model
 from llava_train.model.anyres import num_image_tokens, parse_grid_pinpoints
 
@@ -238,3 +238,30 @@ def test_export_refuses_unmappable_models(overrides, reason):
     config = build_llava_config(ModelConfig(preset="tiny", **overrides))
     with pytest.raises(ValueError, match=re.escape(reason)):
         native_kind(config)
+
+
+def test_released_onevision_shape_exports_as_llava_hf_lays_it_out():
+    """llava-onevision-qwen2-7b on the meta device -> the llava-hf config, every weight placed, same count."""
+    from transformers import LlavaOnevisionConfig
+
+    from llava_train.export.hf_native import native_config
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(preset="llava-onevision-qwen2-7b"))
+        native = to_native_model(model, image_token_index=151646)  # <image> after Qwen2's 151646 tokens
+    config = native_config(model, 151646)
+    assert (config.model_type, config.vision_aspect_ratio) == ("llava_onevision", "anyres_max_9")
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
+    vision = config.vision_config
+    assert (vision.model_type, vision.num_hidden_layers, vision.vision_use_head) == (
+        "siglip_vision_model",
+        26,
+        False,
+    )
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (384, 14, 1152)
+    released_wh = [[a * 384, b * 384] for a in range(1, 7) for b in range(1, 7)]  # the lmms-lab config
+    assert config.image_grid_pinpoints == [[w, h] for h, w in released_wh]  # (h, w), same order
+    assert sorted(config.image_grid_pinpoints) == sorted(LlavaOnevisionConfig().image_grid_pinpoints)
+    assert (config.text_config.model_type, config.text_config.vocab_size) == ("qwen2", 152064)
+    assert config.image_token_index == 151646
+    assert sum(p.numel() for p in native.parameters()) == 8_030_348_832  # as ours: no rows added

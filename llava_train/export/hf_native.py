@@ -130,7 +130,7 @@ def native_config(model: LlavaLlamaForCausalLM, image_token_index: int) -> Any:
     patches = tower.num_patches + (config.mm_vision_select_feature == "cls_patch")
     common = dict(
         vision_config=tower.config.to_dict(),
-        text_config=text_config_dict(config, image_token_index + 1),
+        text_config=text_config_dict(config, max(config.vocab_size, image_token_index + 1)),
         image_token_index=image_token_index,
         projector_hidden_act="gelu",
         vision_feature_select_strategy=_SELECT[config.mm_vision_select_feature],
@@ -192,22 +192,20 @@ def native_tokenizer(tokenizer: Any) -> tuple[Any, int]:
 
 @torch.no_grad()
 def native_state_dict(model: LlavaLlamaForCausalLM, image_token_index: int) -> dict[str, torch.Tensor]:
-    """Our weights in native keys; embeddings padded to ``image_token_index + 1`` rows.
+    """Our weights in native keys; embeddings padded to ``image_token_index + 1`` rows where fewer.
 
     The image token's input row is the mean of the others (it is replaced by image features anyway);
-    its lm_head row is zero (and suppressed at generation).
+    its lm_head row is zero (and suppressed at generation). An id inside the vocab is one of its unused
+    padding rows past the tokenizer (Qwen2's 152064 rows for 151646 tokens), overwritten the same way.
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    vocab = model.config.vocab_size
-    if image_token_index < vocab:
-        raise ValueError(
-            f"image token id {image_token_index} is inside the model's vocab ({vocab}); the tokenizer must "
-            "not already hold <image> as an ordinary token used in training"
-        )
-    extra = image_token_index + 1 - vocab
+    extra = max(0, image_token_index + 1 - model.config.vocab_size)
     embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]  # [V, h]
-    state["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True).expand(extra, -1)])
-    state["lm_head.weight"] = torch.cat([head, head.new_zeros(extra, head.shape[1])])
+    mean = embed.mean(0)  # [h]
+    embed = torch.cat([embed, mean.expand(extra, -1)])
+    head = torch.cat([head, head.new_zeros(extra, head.shape[1])])
+    embed[image_token_index], head[image_token_index] = mean, 0.0
+    state["model.embed_tokens.weight"], state["lm_head.weight"] = embed, head
     return to_native_state_dict(state)
 
 
@@ -276,6 +274,11 @@ def export_hf(
     ``AutoProcessor.from_pretrained(out_dir)``.
     """
     native_kind(model.config)  # refuse early, before copying anything
+    if DEFAULT_IMAGE_TOKEN in tokenizer.get_vocab():
+        raise ValueError(
+            f"the tokenizer already holds {DEFAULT_IMAGE_TOKEN!r} as an ordinary token; ours mark images with "
+            "IMAGE_TOKEN_INDEX, so export from the tokenizer the model was trained with"
+        )
     tok, image_id = native_tokenizer(tokenizer)
     native = to_native_model(model, image_id)
     out = Path(out_dir)
