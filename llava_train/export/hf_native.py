@@ -64,6 +64,11 @@ _FROM_NATIVE = (
     ("lm_head.", "lm_head."),
 )
 _SELECT = {"patch": "default", "cls_patch": "full"}
+_NATIVE_CLASS = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,11 +257,11 @@ def native_processor(model: LlavaLlamaForCausalLM, tokenizer: Any, chat_template
 
 
 def to_native_model(model: LlavaLlamaForCausalLM, image_token_index: int) -> nn.Module:
-    """The native LlavaForConditionalGeneration / LlavaNextForConditionalGeneration with our weights (fp32)."""
-    from transformers import AutoModelForImageTextToText
+    """The native Llava / LlavaNext / LlavaOnevision ForConditionalGeneration with our weights (fp32)."""
+    import transformers
 
     config = native_config(model, image_token_index)
-    cls = AutoModelForImageTextToText._model_mapping[type(config)]
+    cls = getattr(transformers, _NATIVE_CLASS[config.model_type])
     native = cls(config).to(model.dtype)
     load_strict(native, native_state_dict(model, image_token_index), "export to " + cls.__name__)
     native.generation_config.suppress_tokens = [image_token_index]
