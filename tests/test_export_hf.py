@@ -6,7 +6,11 @@ pixel values; the processors' pixel values agree with our data pipeline to PIXEL
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,14 +18,14 @@ from PIL import Image
 
 from llava_train.constants import IMAGE_TOKEN_INDEX
 from llava_train.data import (
-    build_image_processor,
     load_tokenizer,
     process_images,
     render_prompt,
     tokenizer_image_token,
 )
-from llava_train.export import export_hf, import_hf, native_kind
+from llava_train.export import export_hf, import_hf, native_kind, to_native_model
 from llava_train.model import ModelConfig, build_llava_config, build_model
+from llava_train.model.anyres import num_image_tokens, parse_grid_pinpoints
 
 LOGITS_ATOL = 1e-4
 TEMPLATE = "vicuna_v1"
@@ -52,7 +56,7 @@ def _ours_inputs(model, tokenizer, image):
     cfg = model.config
     prompt = render_prompt(TEMPLATE, TURNS, tokenizer=tokenizer)
     ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]  # [1, s]
-    processor = build_image_processor(model.get_vision_tower().image_size)
+    processor = model.get_vision_tower().image_processor()
     pixels, sizes = process_images([image], processor, cfg.image_aspect_ratio, cfg.image_grid_pinpoints)
     return ids, pixels, sizes
 
@@ -80,7 +84,43 @@ def _roundtrip(model, tokenizer, tmp_path):
 
     export_hf(model, tokenizer, tmp_path, template=TEMPLATE)
     native = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    if native.config.model_type == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
+        return native, _onevision_processor_parts(tmp_path)
     return native, AutoProcessor.from_pretrained(tmp_path)
+
+
+def _onevision_processor_parts(path):
+    """What LlavaOnevisionProcessor does for one image, from the saved files, with transformers' code only.
+
+    The processor object needs torchvision (its video processor), absent here: its image processor and
+    tokenizer are loaded with the Auto classes and its own token count (``_get_number_of_features``,
+    called on a stand-in holding the saved processor_config.json) expands ``<image>``.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionProcessor
+
+    fields = json.loads((path / "processor_config.json").read_text())
+    assert fields["processor_class"] == "LlavaOnevisionProcessor"
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    assert type(image_processor).__name__.startswith("LlavaOnevisionImageProcessor")
+    tok = AutoTokenizer.from_pretrained(path)
+    counter = SimpleNamespace(image_processor=image_processor, **fields)
+    counter._get_unpadded_features = functools.partial(
+        LlavaOnevisionProcessor._get_unpadded_features, counter
+    )
+
+    def process(images, text, return_tensors):
+        out = image_processor(images=[images], return_tensors=return_tensors)
+        height, width = out["image_sizes"][0].tolist()
+        side = out["pixel_values"].shape[-1]
+        n = LlavaOnevisionProcessor._get_number_of_features(counter, height, width, side, side)
+        n -= fields["vision_feature_select_strategy"] == "default"
+        ids = tok(
+            text.replace(fields["image_token"], fields["image_token"] * n), return_tensors=return_tensors
+        )
+        return {**out, **ids}
+
+    process.tokenizer = tok  # the exported chat template is the tokenizer's
+    return process
 
 
 # (preset, native class): every LLM family exports to the native classes with its own text config
@@ -90,7 +130,10 @@ EXPORT_CASES = [
     ("tiny_mistral", "llava_next"),
     ("tiny_qwen3", "llava"),
     ("tiny_gemma3", "llava_next"),
+    ("tiny_qwen2_siglip", "llava_onevision"),
 ]
+# OneVision: an image large enough for anyres_max_4 to downscale its 3 x 2 grid of 56 px crops
+IMAGE_SIZE = {"llava_onevision": (250, 150)}
 
 
 @pytest.mark.parametrize("preset,kind", EXPORT_CASES)
@@ -100,22 +143,21 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     native, processor = _roundtrip(model, tokenizer, tmp_path)
     assert native.config.model_type == kind
     assert native.config.text_config.model_type == type(model.config).__bases__[0].model_type
-    image = _image()
+    image = _image(*IMAGE_SIZE.get(kind, (90, 50)))
     ids, pixels, sizes = _ours_inputs(model, tokenizer, image)
     # the exported chat template builds the prompt; "▁" after the image as in training (non-legacy SP)
-    text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
-    assert text == processor.tokenizer.apply_chat_template(
-        MESSAGES, add_generation_prompt=True, tokenize=False
-    )
+    text = processor.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=image, text=text, return_tensors="pt")
-    direct = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image", "image": image}, *MESSAGES[0]["content"][1:]]}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    assert torch.equal(direct["input_ids"], inputs["input_ids"])
+    if hasattr(processor, "apply_chat_template"):  # the OneVision stand-in (no torchvision) has none
+        assert processor.apply_chat_template(MESSAGES, add_generation_prompt=True) == text
+        direct = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image", "image": image}, *MESSAGES[0]["content"][1:]]}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        assert torch.equal(direct["input_ids"], inputs["input_ids"])
     image_id = native.config.image_token_index
 
     # the processor: same text ids, as many image tokens as our merge makes, same pixels
@@ -124,6 +166,11 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     with torch.no_grad():
         n_features = model.image_features(pixels, sizes)[0].shape[0]
     assert count == n_features
+    if kind == "llava_onevision":  # the anyres_max downscale did shrink the grid's feature map
+        tower = model.get_vision_tower()
+        geometry = dict(image_grid_pinpoints=model.config.image_grid_pinpoints, crop_size=tower.image_size,
+                        patches_per_side=tower.num_patches_per_side, mm_patch_merge_type="spatial_unpad")  # fmt: skip
+        assert n_features < num_image_tokens(image.size, image_aspect_ratio="anyres", **geometry)
     diff = (inputs["pixel_values"] - _native_pixels(pixels)).abs()
     # same resize, pad colour (int(mean * 255) = (122, 116, 104) for pad), black anyres pad, crops and base
     assert diff.max().item() == 0
@@ -134,7 +181,7 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
         attention_mask=inputs["attention_mask"],
         pixel_values=_native_pixels(pixels),
     )
-    if kind == "llava_next":
+    if kind != "llava":
         native_kwargs["image_sizes"] = torch.tensor([[h, w] for w, h in sizes])  # native: (h, w)
     with torch.no_grad():
         want = model(input_ids=ids, images=pixels, image_sizes=sizes).logits  # [1, T, V]
@@ -151,8 +198,10 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     back = import_hf(tmp_path)
     assert type(back) is type(model)  # the native text config's family comes back
     assert back.config.image_aspect_ratio == model.config.image_aspect_ratio
-    if kind == "llava_next":
-        assert back.config.image_grid_pinpoints == model.config.image_grid_pinpoints
+    if kind != "llava":
+        side = model.get_vision_tower().image_size
+        grid = [parse_grid_pinpoints(c.image_grid_pinpoints, side) for c in (back.config, model.config)]
+        assert grid[0] == grid[1]
     with torch.no_grad():
         again = back(input_ids=ids, images=pixels, image_sizes=sizes).logits
     assert (again[..., :vocab] - want).abs().max().item() <= LOGITS_ATOL
@@ -200,10 +249,40 @@ def test_import_native_checkpoint_same_logits(tmp_path):
         (dict(mm_projector_type="linear"), "mm_projector_type='linear'"),
         (dict(mm_projector_type="mlp3x_gelu"), "only 'mlp2x_gelu' maps"),
         (dict(mm_patch_merge_type="spatial"), "mm_patch_merge_type='spatial'"),
-        (dict(image_aspect_ratio="anyres_max_4"), "image_aspect_ratio='anyres_max_4'"),
+        (
+            dict(image_aspect_ratio="anyres_max_4", mm_patch_merge_type="flat"),
+            "image_aspect_ratio='anyres_max_4'",
+        ),
     ],
 )
 def test_export_refuses_unmappable_models(overrides, reason):
     config = build_llava_config(ModelConfig(preset="tiny", **overrides))
     with pytest.raises(ValueError, match=re.escape(reason)):
         native_kind(config)
+
+
+def test_released_onevision_shape_exports_as_llava_hf_lays_it_out():
+    """llava-onevision-qwen2-7b on the meta device -> the llava-hf config, every weight placed, same count."""
+    from transformers import LlavaOnevisionConfig
+
+    from llava_train.export.hf_native import native_config
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(preset="llava-onevision-qwen2-7b"))
+        native = to_native_model(model, image_token_index=151646)  # <image> after Qwen2's 151646 tokens
+    config = native_config(model, 151646)
+    assert (config.model_type, config.vision_aspect_ratio) == ("llava_onevision", "anyres_max_9")
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
+    vision = config.vision_config
+    assert (vision.model_type, vision.num_hidden_layers, vision.vision_use_head) == (
+        "siglip_vision_model",
+        26,
+        False,
+    )
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (384, 14, 1152)
+    released_wh = [[a * 384, b * 384] for a in range(1, 7) for b in range(1, 7)]  # the lmms-lab config
+    assert config.image_grid_pinpoints == [[w, h] for h, w in released_wh]  # (h, w), same order
+    assert sorted(config.image_grid_pinpoints) == sorted(LlavaOnevisionConfig().image_grid_pinpoints)
+    assert (config.text_config.model_type, config.text_config.vocab_size) == ("qwen2", 152064)
+    assert config.image_token_index == 151646
+    assert sum(p.numel() for p in native.parameters()) == 8_030_348_832  # as ours: no rows added

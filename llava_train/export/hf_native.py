@@ -6,9 +6,11 @@ with no code of ours:
 
     flat merge, image_aspect_ratio pad/square     -> LlavaForConditionalGeneration + LlavaProcessor
     spatial_unpad merge, image_aspect_ratio anyres -> LlavaNextForConditionalGeneration + LlavaNextProcessor
+    spatial_unpad merge, anyres_max_N              -> LlavaOnevisionForConditionalGeneration + its processor
+                                                      (hf_onevision.py)
 
-Anything else (a ``linear`` / ``mlp3x_gelu`` projector, S2 towers, ``anyres_max_N``, plain ``spatial``,
-im_start/im_end tokens) has no native counterpart and is refused with the reason.
+Anything else (a ``linear`` / ``mlp3x_gelu`` projector, S2 towers, plain ``spatial``, im_start/im_end
+tokens) has no native counterpart and is refused with the reason.
 
 Differences handled here (ours -> native):
 - the image placeholder: ours is IMAGE_TOKEN_INDEX (-200), one per image; native is a real special token
@@ -37,8 +39,9 @@ from llava_train.constants import DEFAULT_IMAGE_TOKEN
 from llava_train.data.chat_template import chat_template_jinja
 from llava_train.data.conversation import Template, get_template
 from llava_train.data.preprocess import encode_chunk
+from llava_train.export import hf_onevision
 from llava_train.model import LlavaConfig, LlavaLlamaForCausalLM
-from llava_train.model.anyres import parse_grid_pinpoints
+from llava_train.model.anyres import anyres_max_patches, parse_grid_pinpoints
 from llava_train.model.families import family_class, family_of_native, native_text_config_class
 from llava_train.model.projector import state_mismatch
 from llava_train.model.vision_tower import CLIP_MEAN, CLIP_STD
@@ -64,6 +67,11 @@ _FROM_NATIVE = (
     ("lm_head.", "lm_head."),
 )
 _SELECT = {"patch": "default", "cls_patch": "full"}
+_NATIVE_CLASS = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +80,7 @@ _SELECT = {"patch": "default", "cls_patch": "full"}
 
 
 def native_kind(config: LlavaConfig) -> str:
-    """ "llava" or "llava_next" for a model that maps onto a native class; raises with the reason otherwise."""
+    """ "llava", "llava_next" or "llava_onevision" for a model that maps onto a native class; raises with the reason otherwise."""
     problems = []
     if config.mm_projector_type != "mlp2x_gelu":
         problems.append(
@@ -90,11 +98,14 @@ def native_kind(config: LlavaConfig) -> str:
         kind = "llava"
     elif merge == "spatial_unpad" and aspect == "anyres":
         kind = "llava_next"
+    elif merge == "spatial_unpad" and anyres_max_patches(aspect) is not None:
+        kind = "llava_onevision"
     else:
         kind = ""
         problems.append(
             f"mm_patch_merge_type={merge!r} with image_aspect_ratio={aspect!r}: only flat + pad/square "
-            "(LlavaForConditionalGeneration) or spatial_unpad + anyres (LlavaNextForConditionalGeneration) map"
+            "(LlavaForConditionalGeneration), spatial_unpad + anyres (LlavaNextForConditionalGeneration) or "
+            "spatial_unpad + anyres_max_N (LlavaOnevisionForConditionalGeneration) map"
         )
     if problems:
         raise ValueError("cannot export to the transformers-native format:\n  - " + "\n  - ".join(problems))
@@ -127,7 +138,7 @@ def native_config(model: LlavaLlamaForCausalLM, image_token_index: int) -> Any:
     patches = tower.num_patches + (config.mm_vision_select_feature == "cls_patch")
     common = dict(
         vision_config=tower.config.to_dict(),
-        text_config=text_config_dict(config, image_token_index + 1),
+        text_config=text_config_dict(config, max(config.vocab_size, image_token_index + 1)),
         image_token_index=image_token_index,
         projector_hidden_act="gelu",
         vision_feature_select_strategy=_SELECT[config.mm_vision_select_feature],
@@ -138,6 +149,8 @@ def native_config(model: LlavaLlamaForCausalLM, image_token_index: int) -> Any:
     )
     if kind == "llava":
         return HFLlavaConfig(**common)
+    if kind == "llava_onevision":
+        return hf_onevision.onevision_config(model, common)
     pinpoints = parse_grid_pinpoints(config.image_grid_pinpoints, tower.image_size)
     return LlavaNextConfig(**common, image_grid_pinpoints=swap_pinpoints(pinpoints))
 
@@ -187,22 +200,20 @@ def native_tokenizer(tokenizer: Any) -> tuple[Any, int]:
 
 @torch.no_grad()
 def native_state_dict(model: LlavaLlamaForCausalLM, image_token_index: int) -> dict[str, torch.Tensor]:
-    """Our weights in native keys; embeddings padded to ``image_token_index + 1`` rows.
+    """Our weights in native keys; embeddings padded to ``image_token_index + 1`` rows where fewer.
 
     The image token's input row is the mean of the others (it is replaced by image features anyway);
-    its lm_head row is zero (and suppressed at generation).
+    its lm_head row is zero (and suppressed at generation). An id inside the vocab is one of its unused
+    padding rows past the tokenizer (Qwen2's 152064 rows for 151646 tokens), overwritten the same way.
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    vocab = model.config.vocab_size
-    if image_token_index < vocab:
-        raise ValueError(
-            f"image token id {image_token_index} is inside the model's vocab ({vocab}); the tokenizer must "
-            "not already hold <image> as an ordinary token used in training"
-        )
-    extra = image_token_index + 1 - vocab
+    extra = max(0, image_token_index + 1 - model.config.vocab_size)
     embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]  # [V, h]
-    state["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True).expand(extra, -1)])
-    state["lm_head.weight"] = torch.cat([head, head.new_zeros(extra, head.shape[1])])
+    mean = embed.mean(0)  # [h]
+    embed = torch.cat([embed, mean.expand(extra, -1)])
+    head = torch.cat([head, head.new_zeros(extra, head.shape[1])])
+    embed[image_token_index], head[image_token_index] = mean, 0.0
+    state["model.embed_tokens.weight"], state["lm_head.weight"] = embed, head
     return to_native_state_dict(state)
 
 
@@ -218,7 +229,10 @@ def native_image_processor(model: LlavaLlamaForCausalLM) -> Any:
         image_std=list(CLIP_STD),
         resample=3,  # bicubic, as PIL's default resize in our pipeline
     )
-    if native_kind(config) == "llava":
+    kind = native_kind(config)
+    if kind == "llava_onevision":
+        return hf_onevision.onevision_image_processor(model)
+    if kind == "llava":
         # pad: pad to square first; anything else: shortest-edge resize + centre crop (data/image.py)
         return LlavaImageProcessorPil(**common, do_pad=config.image_aspect_ratio == "pad")
     pinpoints = swap_pinpoints(parse_grid_pinpoints(config.image_grid_pinpoints, side))
@@ -254,6 +268,8 @@ def native_processor(model: LlavaLlamaForCausalLM, tokenizer: Any, chat_template
     """LlavaProcessor / LlavaNextProcessor around the image processor and the ``<image>`` tokenizer."""
     from transformers import LlavaNextProcessor, LlavaProcessor
 
+    if native_kind(model.config) == "llava_onevision":
+        return hf_onevision.onevision_processor(model, tokenizer, chat_template)
     cls = LlavaProcessor if native_kind(model.config) == "llava" else LlavaNextProcessor
     tower = model.get_vision_tower()
     return cls(
@@ -268,11 +284,11 @@ def native_processor(model: LlavaLlamaForCausalLM, tokenizer: Any, chat_template
 
 
 def to_native_model(model: LlavaLlamaForCausalLM, image_token_index: int) -> nn.Module:
-    """The native LlavaForConditionalGeneration / LlavaNextForConditionalGeneration with our weights (fp32)."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    """The native Llava / LlavaNext / LlavaOnevision ForConditionalGeneration with our weights (fp32)."""
+    import transformers
 
     config = native_config(model, image_token_index)
-    cls = LlavaForConditionalGeneration if config.model_type == "llava" else LlavaNextForConditionalGeneration
+    cls = getattr(transformers, _NATIVE_CLASS[config.model_type])
     native = cls(config).to(model.dtype)
     load_strict(native, native_state_dict(model, image_token_index), "export to " + cls.__name__)
     native.generation_config.suppress_tokens = [image_token_index]
@@ -297,6 +313,11 @@ def export_hf(
     ``chat_template`` sets a Jinja string directly instead.
     """
     native_kind(model.config)  # refuse early, before copying anything
+    if DEFAULT_IMAGE_TOKEN in tokenizer.get_vocab():
+        raise ValueError(
+            f"the tokenizer already holds {DEFAULT_IMAGE_TOKEN!r} as an ordinary token; ours mark images with "
+            "IMAGE_TOKEN_INDEX, so export from the tokenizer the model was trained with"
+        )
     tok, image_id = native_tokenizer(tokenizer)
     if chat_template is None and template is not None:
         chat_template = native_chat_template(template, tokenizer, tok)
@@ -306,7 +327,10 @@ def export_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     native.save_pretrained(out)
-    native_processor(model, tok, chat_template).save_pretrained(out)
+    if native_kind(model.config) == "llava_onevision":
+        hf_onevision.save_processor(model, tok, out, chat_template)
+    else:
+        native_processor(model, tok, chat_template).save_pretrained(out)
     logger.info("exported %s (image token %d) to %s", type(native).__name__, image_id, out)
     return out
 
@@ -318,13 +342,15 @@ def export_hf(
 
 def _check_importable(config: Any) -> None:
     problems = []
-    if config.model_type not in ("llava", "llava_next"):
-        problems.append(f"model_type {config.model_type!r} (need 'llava' or 'llava_next')")
+    if config.model_type not in ("llava", "llava_next", "llava_onevision"):
+        problems.append(f"model_type {config.model_type!r} (need 'llava', 'llava_next' or 'llava_onevision')")
     try:
         family_of_native(config.text_config.model_type)
     except ValueError as err:
         problems.append(str(err))
-    if config.vision_config.model_type != "clip_vision_model":
+    if config.model_type == "llava_onevision":
+        problems += hf_onevision.check_importable(config)
+    elif config.vision_config.model_type != "clip_vision_model":
         problems.append(f"vision_config.model_type {config.vision_config.model_type!r} (need CLIP)")
     if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
         problems.append("projector must be linear -> gelu -> linear with biases (our mlp2x_gelu)")
@@ -355,6 +381,9 @@ def our_config(native: Any, aspect: str) -> LlavaConfig:
     is_next = native.model_type == "llava_next"
     select = {v: k for k, v in _SELECT.items()}[native.vision_feature_select_strategy]
     config_class = family_class(family_of_native(native.text_config.model_type)).config_class
+    if native.model_type == "llava_onevision":
+        mm = hf_onevision.our_mm_fields(native)
+        return config_class(**text, **mm, mm_projector_type="mlp2x_gelu", use_mm_proj=True)
     return config_class(
         **text,
         mm_vision_tower=vision.get("_name_or_path") or "clip-vision-from-native",
