@@ -181,8 +181,35 @@ def test_renderings_and_aliases():
         "S\n\n### Human: <image>\nHi\n### Assistant: Yo\n### "
     )
     assert get_template("v0").stop_string() == "###" and get_template("llama_2").stop_string() == "</s>"
+    assert get_template("qwen_1_5") is get_template("chatml") is get_template("qwen_2")
+    assert render_prompt("gemma_instruct", two, add_generation_prompt=False) == (
+        "<start_of_turn>user\n<image>\nHi<end_of_turn>\n<start_of_turn>model\nYo<end_of_turn>\n"
+        "<start_of_turn>user\nMore<end_of_turn>\n<start_of_turn>model\nNo<end_of_turn>\n"
+    )
+    assert render_prompt("gemma_instruct", turns[:1], system="S").endswith(
+        "<start_of_turn>user\nS\n\n<image>\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert get_template("gemma_instruct").stop_string() == "<end_of_turn>"
     with pytest.raises(KeyError, match="unknown conversation template"):
         get_template("nope")
+
+
+def test_gemma_instruct_labels_are_the_replies_and_their_end_of_turn(tmp_path):
+    """On a tokenizer that has Gemma's turn tokens as single tokens (SmolLM2's plus the two), the
+    supervised tokens decode to each reply + "<end_of_turn>\n", nothing else."""
+    tok = load_tokenizer("smollm2")
+    tok.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    turns = [
+        ("user", "<image>\nWhat digit?"),
+        ("assistant", "Seven"),
+        ("user", "Sure?"),
+        ("assistant", "Yes"),
+    ]
+    template = get_template("gemma_instruct")
+    check_template_tokens(template, tok)
+    tokens = tokenize_conversation(turns, template, tok)
+    spans = [tok.decode(s) for s in _supervised_spans(tokens.labels)]
+    assert spans == ["Seven<end_of_turn>\n", "Yes<end_of_turn>\n"]
 
 
 def test_text_after_an_image_is_a_fresh_string():

@@ -9,7 +9,10 @@ The original LLaVA's templates (llava/conversation.py), with the same names, tex
 ``v0`` (``default``, ``llava_v0``), ``vicuna_v1`` (``v1``, ``vicuna``), ``llava_v1``, ``llama_2``,
 ``llava_llama_2``, ``mistral_instruct``, ``mpt``, ``chatml_direct`` (``mistral_direct``). Ours
 besides: ``mistral_native`` (Mistral-Instruct's own format), ``chatml`` (``qwen``: newline after
-each ``<|im_end|>``), ``llama_3``. Deliberate differences (docs/FIDELITY.md has them all):
+each ``<|im_end|>``; LLaVA-NeXT's ``qwen_1_5`` / ``qwen_2``), ``gemma_instruct`` (LLaVA-NeXT's), ``llama_3``.
+LLaVA-NeXT's qwen_1_5 training also supervises every ``<|im_start|>``, ``<|im_end|>`` and newline token,
+user turns included; ours supervises the replies and their ``<|im_end|>`` only. Deliberate differences
+(docs/FIDELITY.md has them all):
 
 - whitespace around a reply is stripped (``strip_replies=False`` keeps it, as the original);
 - ``{bos}`` / ``{eos}`` are the tokenizer's BOS / EOS strings, where the original writes "<s>" /
@@ -112,6 +115,7 @@ _MPT_SYSTEM = (
 )
 _LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 _CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+_GEMMA_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 
 def _vicuna(name: str, system: str) -> Template:
@@ -194,6 +198,15 @@ TEMPLATES: dict[str, Template] = {
             assistant_suffix="\n",
             required_tokens=_CHATML_TOKENS,
         ),
+        Template(  # LLaVA-NeXT's gemma_instruct: no system turn (a given one is folded into the first user turn)
+            "gemma_instruct",
+            system_format="",
+            system_in_first_user="{system}\n\n{content}",
+            user_format="<start_of_turn>user\n{content}<end_of_turn>\n",
+            assistant_header="<start_of_turn>model\n",
+            assistant_format="{content}<end_of_turn>\n",
+            required_tokens=_GEMMA_TOKENS,
+        ),
         Template(
             "llama_3",
             system=_LLAVA_SYSTEM,
@@ -215,6 +228,8 @@ _ALIASES = {
     "vicuna": "vicuna_v1",
     "mistral_direct": "chatml_direct",
     "qwen": "chatml",
+    "qwen_1_5": "chatml",  # LLaVA-NeXT's (OneVision's) names for the same ChatML turns
+    "qwen_2": "chatml",
 }
 
 
