@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from test_train_utils import compose_config
+from train_utils import compose_config
 
 from llava_train.config import (
     CONF_DIR,
@@ -38,8 +38,9 @@ def _fill_missing(overrides: list[str]) -> list[str]:
 
 @pytest.fixture
 def no_conversion(monkeypatch):
-    # `${llava_pretrained:smollm2_135m}` would convert the GGUF (~20 s); validate with a stand-in path.
+    # `${llava_pretrained:...}` would convert a GGUF (SmolLM2 ~20 s, Gemma 3 ~10 min); validate with stand-ins.
     monkeypatch.setitem(PRETRAINED, "smollm2_135m", lambda: "/cache/smollm2-135m-instruct")
+    monkeypatch.setitem(PRETRAINED, "gemma3_270m", lambda: "/cache/gemma-3-270m")
 
 
 def test_every_yaml_is_covered_by_a_group():

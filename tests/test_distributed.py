@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_train_utils import make_colour_dataset, tiny_overrides, torchrun
+from train_utils import make_colour_dataset, tiny_overrides, torchrun
 
 from llava_train.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
-DRIVER = Path(__file__).resolve().parent / "test_distributed_driver.py"
+DRIVER = Path(__file__).resolve().parent / "distributed_driver.py"
 
 
 def _torchrun(overrides: list[str], cwd: Path) -> list[dict]:
@@ -115,7 +115,7 @@ def test_zero3_from_a_pretrained_llava_checkpoint(data_json, tmp_path):
     and the stage-1 projector file is loaded into the sharded projector (gathered, then re-partitioned)."""
     import torch
     from safetensors.torch import save_file
-    from test_train_utils import compose_config
+    from train_utils import compose_config
 
     from llava_train.config import to_typed
     from llava_train.train import steps

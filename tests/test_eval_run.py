@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train_utils import torchrun
+from train_utils import torchrun
 
 from llava_train.data import load_tokenizer
 from llava_train.eval.metrics import score

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
+from train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_distributed import DRIVER
-from test_train_utils import make_colour_dataset, tiny_overrides, torchrun
+from train_utils import make_colour_dataset, tiny_overrides, torchrun
 
 from llava_train.train import checkpoint as ckpt
 

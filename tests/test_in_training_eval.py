@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train_utils import compose_config, make_colour_dataset, run_steps, tiny_overrides
+from train_utils import compose_config, make_colour_dataset, run_steps, tiny_overrides
 from transformers import TrainerCallback
 
 from llava_train.config import to_typed
@@ -150,7 +150,7 @@ def test_two_process_deepspeed_eval_is_sharded_and_gathered(data_json, tmp_path,
     import os
     import subprocess
 
-    from test_train_utils import torchrun
+    from train_utils import torchrun
 
     questions, truth = eval_files(data_json.parent)
     run_dir = tmp_path / "run"
@@ -163,7 +163,7 @@ def test_two_process_deepspeed_eval_is_sharded_and_gathered(data_json, tmp_path,
         "training.per_device_batch_size=2",
         *eval_overrides(questions, truth, per_device_batch_size=1),
     ]
-    driver = Path(__file__).resolve().parent / "test_distributed_driver.py"
+    driver = Path(__file__).resolve().parent / "distributed_driver.py"
     repo = str(Path(__file__).resolve().parent.parent)  # this checkout's llava_train, not an installed one
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
     proc = subprocess.run(

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train_utils import compose_config, make_colour_dataset, run_steps, tiny_overrides
+from train_utils import compose_config, make_colour_dataset, run_steps, tiny_overrides
 
 from llava_train.config import LlmTuning, to_typed
 from llava_train.train import checkpoint as ckpt

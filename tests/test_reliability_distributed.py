@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_distributed import DRIVER
 from test_reliability import Planted, _rewrite_manifest
-from test_train_utils import make_colour_dataset, tiny_overrides, torchrun
+from train_utils import make_colour_dataset, tiny_overrides, torchrun
 
 from llava_train.train import checkpoint as ckpt
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train_utils import compose_config, make_colour_dataset, run_steps, tiny_overrides
+from train_utils import compose_config, make_colour_dataset, run_steps, tiny_overrides
 
 from llava_train.config import to_typed
 from llava_train.data.errors import BadRecordError

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_utils import (
+from train_utils import (
     CrashAt,
     compose_config,
     logged_losses,

@@ -1,7 +1,7 @@
 """`data.packing=true` through the trainer: packed rows (seq_ids) reach the model and the loss falls."""
 
 import torch
-from test_train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
+from train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
 
 from llava_train.data.packing import PackedDataset
 

@@ -7,6 +7,7 @@ in every preset, so models build offline (and on the meta device). ``family`` na
   spatial_unpad with small pinpoints. For tests and the demo; a few M parameters plus embeddings.
 - ``tiny_mistral`` / ``tiny_qwen3`` / ``tiny_gemma3``: the tiny geometry on the other families' decoders;
   ``tiny_qwen2_siglip``: Qwen2 + a tiny SigLIP tower, anyres_max_4 over range pinpoints (OneVision's shape).
+- ``gemma3-270m``: the real Gemma 3 270M (converted from its wheels) with the tiny SigLIP tower.
 - ``llava-v1.5-7b``: Vicuna-7B + CLIP-L/14-336, pad, flat, mlp2x_gelu.
 - ``llava-v1.6-vicuna-7b``: the seed's section-2 table (anyres, spatial_unpad, pinpoints, ...).
 - ``llava-v1.6-mistral-7b``: Mistral-7B-Instruct-v0.2 + CLIP-L/14-336, as v1.6-vicuna otherwise.
@@ -120,6 +121,23 @@ _TINY: dict[str, Any] = dict(
 )
 
 
+_TINY_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=56,
+    patch_size=14,
+)
+_TINY_SIGLIP_MM = dict(
+    _TINY["mm"],
+    image_aspect_ratio="anyres_max_4",
+    image_grid_pinpoints="(1x1),...,(3x3)",
+    mm_vision_select_layer=-2,
+)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     # The tiny geometry on the other decoder families (random, offline): tests train and export each one.
@@ -142,21 +160,34 @@ PRESETS: dict[str, dict[str, Any]] = {
         family="qwen2",
         llm=_tiny_llm(tie_word_embeddings=True),
         vision_name="tiny-siglip-56",
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=56,
-            patch_size=14,
+        vision_config=_TINY_SIGLIP,
+        mm=_TINY_SIGLIP_MM,
+    ),
+    # Gemma 3 270M (llava_train/pretrained.py converts it from its wheels) with the tiny SigLIP tower and
+    # OneVision's merge: a second real LLM for the slow tests; sizes as the GGUF records them
+    "gemma3-270m": dict(
+        family="gemma3",
+        llm=dict(
+            hidden_size=640,
+            intermediate_size=2048,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            max_position_embeddings=32768,
+            vocab_size=262144,
+            rms_norm_eps=1e-6,
+            sliding_window=512,
+            query_pre_attn_scalar=256,
+            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+            tie_word_embeddings=True,
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
         ),
-        mm=dict(
-            _TINY["mm"],
-            image_aspect_ratio="anyres_max_4",
-            image_grid_pinpoints="(1x1),...,(3x3)",
-            mm_vision_select_layer=-2,
-        ),
+        vision_name="tiny-siglip-56",
+        vision_config=_TINY_SIGLIP,
+        mm=_TINY_SIGLIP_MM,
     ),
     "llava-v1.5-7b": dict(
         llm=_VICUNA_7B,

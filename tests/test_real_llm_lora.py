@@ -1,12 +1,13 @@
-"""The real SmolLM2-135M-Instruct LLM (smollm2_135m preset): a few stage-2 LoRA steps with the tiny vision
-tower, merged and exported to the transformers-native format, which gives our model's logits and tokens."""
+"""The real LLMs: SmolLM2-135M-Instruct (smollm2_135m, tiny CLIP tower, LlavaNext) and Gemma 3 270M
+(gemma3_270m, tiny SigLIP tower, OneVision's merge): a few stage-2 LoRA steps, merged and exported to the
+transformers-native format, which gives our model's logits and tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from test_export_hf import _image, _native_pixels, _ours_inputs
-from test_train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
+from train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
 
 from llava_train.config import to_typed
 from llava_train.export import export_hf, merge_lora
@@ -16,7 +17,10 @@ LOGITS_ATOL = 1e-4
 
 
 @pytest.mark.slow
-def test_smollm2_lora_steps_then_native_export(tmp_path):
+@pytest.mark.parametrize(
+    "model,native_type", [("smollm2_135m", "llava_next"), ("gemma3_270m", "llava_onevision")]
+)
+def test_real_llm_lora_steps_then_native_export(tmp_path, model, native_type):
     from transformers import AutoModelForImageTextToText
 
     data_json = make_colour_dataset(tmp_path / "data", n=16)
@@ -24,7 +28,7 @@ def test_smollm2_lora_steps_then_native_export(tmp_path):
     def overrides():
         return compose_config(
             [
-                "model=smollm2_135m",
+                f"model={model}",
                 "+stage=finetune_lora",
                 "stage.pretrain_mm_mlp_adapter=null",
                 "stage.lora.r=8",
@@ -42,7 +46,7 @@ def test_smollm2_lora_steps_then_native_export(tmp_path):
     trainer, _, _ = run_steps(
         compose_config(
             [
-                "model=smollm2_135m",
+                f"model={model}",
                 f"model.llm_path={tmp_path / 'base'}",
                 "+stage=finetune_lora",
                 "stage.pretrain_mm_mlp_adapter=null",
@@ -58,7 +62,7 @@ def test_smollm2_lora_steps_then_native_export(tmp_path):
     merged = merge_lora(tmp_path / "base", tmp_path / "run").eval()
     export_hf(merged, tokenizer, tmp_path / "hf")
     native = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert native.config.model_type == "llava_next"
+    assert native.config.model_type == native_type
     ids, pixels, sizes = _ours_inputs(merged, tokenizer, _image())
     image_id = native.config.image_token_index
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Per-rank driver for tests/test_distributed.py (run under torchrun; holds no tests itself).
 
-    torchrun --nproc_per_node 2 tests/test_distributed_driver.py <hydra overrides...>
+    torchrun --nproc_per_node 2 tests/distributed_driver.py <hydra overrides...>
 
 Runs the launcher's steps and writes <run_dir>/rank<R>.json: the logged losses, the sample ids of every
 micro-batch, and a checksum of every parameter, gathered under ZeRO-3, so the test can check that the ranks
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from test_train_utils import compose_config, logged_losses, run_steps  # noqa: E402
+from train_utils import compose_config, logged_losses, run_steps  # noqa: E402
 
 from llava_train.model.zero3 import gathered, is_sharded  # noqa: E402
 
