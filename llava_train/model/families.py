@@ -1,7 +1,7 @@
 """The LLM families: one LLaVA causal-LM class each, by the name presets and docs use.
 
 A family is chosen by name (``PRESETS[...]["family"]``), never by matching a model or tower name.
-Adding one: a file like llava_mistral.py, an entry here, a preset in builder.py (docs/MODEL_FAMILIES.md).
+Adding one: a file like llava_mistral.py, an entry here, a preset in presets.py (docs/MODEL_FAMILIES.md).
 """
 
 from __future__ import annotations
