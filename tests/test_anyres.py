@@ -109,18 +109,7 @@ def _data_side_counts(model, sizes: list[tuple[int, int]]) -> list[int]:
     from llava_train.data.config import VisionSpec
 
     spec = VisionSpec.from_model(model)
-    return [
-        num_image_tokens(
-            size,
-            image_aspect_ratio=spec.image_aspect_ratio,
-            mm_patch_merge_type=spec.mm_patch_merge_type,
-            image_grid_pinpoints=spec.image_grid_pinpoints,
-            crop_size=spec.crop_size,
-            patches_per_side=spec.patches_per_side,
-            cls_token=spec.cls_token,
-        )
-        for size in sizes
-    ]
+    return [spec.image_tokens(size) for size in sizes]
 
 
 @pytest.mark.parametrize("aspect", ["pad", "anyres"])

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from llava_train.model.anyres import check_grid_pinpoints, is_anyres, parse_grid_pinpoints
+from llava_train.model.anyres import check_grid_pinpoints, is_anyres, num_image_tokens, parse_grid_pinpoints
 
 
 @dataclass
@@ -107,6 +107,18 @@ class VisionSpec:
             image_aspect_ratio=getattr(config, "image_aspect_ratio", "pad") or "pad",
             image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None),
             model_max_length=getattr(config, "tokenizer_model_max_length", None) or 2048,
+        )
+
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        """Feature tokens the model inserts for one image of PIL ``size`` (w, h)."""
+        return num_image_tokens(
+            size,
+            image_aspect_ratio=self.image_aspect_ratio,
+            mm_patch_merge_type=self.mm_patch_merge_type,
+            image_grid_pinpoints=self.image_grid_pinpoints,
+            crop_size=self.crop_size,
+            patches_per_side=self.patches_per_side,
+            cls_token=self.cls_token,
         )
 
     def with_aspect_ratio(self, image_aspect_ratio: str | None) -> VisionSpec:

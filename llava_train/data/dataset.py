@@ -35,7 +35,6 @@ from llava_train.data.errors import BAD_RECORD_KINDS, BadRecordError
 from llava_train.data.image import load_image, mean_colour, process_images, read_image_size
 from llava_train.data.preprocess import TokenizedConversation, check_template_tokens, tokenize_conversation
 from llava_train.data.sources import RecordSource
-from llava_train.model.anyres import num_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +96,7 @@ class LazySupervisedDataset(Dataset):
         return self._image_tokens((side, side))
 
     def _image_tokens(self, size: tuple[int, int]) -> int:
-        return num_image_tokens(
-            size,
-            image_aspect_ratio=self.vision.image_aspect_ratio,
-            mm_patch_merge_type=self.vision.mm_patch_merge_type,
-            image_grid_pinpoints=self.vision.image_grid_pinpoints,
-            crop_size=self.vision.crop_size,
-            patches_per_side=self.vision.patches_per_side,
-            cls_token=self.vision.cls_token,
-        )
+        return self.vision.image_tokens(size)
 
     # ---- samples ----
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -80,6 +80,17 @@ _QWEN2_7B = dict(
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
+# LLaVA-1.6's multimodal settings (the seed's section-2 table), shared by its Vicuna and Mistral releases
+_V16_MM = dict(
+    mm_projector_type="mlp2x_gelu",
+    mm_patch_merge_type="spatial_unpad",
+    image_aspect_ratio="anyres",
+    image_grid_pinpoints=V16_PINPOINTS,
+    mm_vision_select_layer=-2,
+    mm_vision_select_feature="patch",
+    model_max_length=4096,
+)
+
 _TINY_LLM = dict(
     hidden_size=128,
     intermediate_size=344,
@@ -207,30 +218,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         llm=_VICUNA_7B,
         vision_name=CLIP_L336,
         vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
-        mm=dict(
-            mm_projector_type="mlp2x_gelu",
-            mm_patch_merge_type="spatial_unpad",
-            image_aspect_ratio="anyres",
-            image_grid_pinpoints=V16_PINPOINTS,
-            mm_vision_select_layer=-2,
-            mm_vision_select_feature="patch",
-            model_max_length=4096,
-        ),
+        mm=_V16_MM,
     ),
     "llava-v1.6-mistral-7b": dict(
         family="mistral",
         llm=_MISTRAL_7B,
         vision_name=CLIP_L336,
         vision_config=BUILTIN_VISION_CONFIGS[CLIP_L336],
-        mm=dict(
-            mm_projector_type="mlp2x_gelu",
-            mm_patch_merge_type="spatial_unpad",
-            image_aspect_ratio="anyres",
-            image_grid_pinpoints=V16_PINPOINTS,
-            mm_vision_select_layer=-2,
-            mm_vision_select_feature="patch",
-            model_max_length=4096,
-        ),
+        mm=_V16_MM,
     ),
     "llava-onevision-qwen2-7b": dict(
         family="qwen2",

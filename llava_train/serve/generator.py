@@ -26,7 +26,6 @@ from llava_train.data.conversation import Template, Turn
 from llava_train.data.image import mean_colour
 from llava_train.data.preprocess import check_template_tokens
 from llava_train.eval.generate import decode_reply, generate_tokens, image_inputs, stop_token_ids
-from llava_train.model.anyres import num_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -192,15 +191,7 @@ class Generator:
 
     def image_tokens(self, size: tuple[int, int]) -> int:
         """Feature tokens the model inserts for one image of PIL ``size`` (w, h)."""
-        return num_image_tokens(
-            size,
-            image_aspect_ratio=self.vision.image_aspect_ratio,
-            mm_patch_merge_type=self.vision.mm_patch_merge_type,
-            image_grid_pinpoints=self.vision.image_grid_pinpoints,
-            crop_size=self.vision.crop_size,
-            patches_per_side=self.vision.patches_per_side,
-            cls_token=self.vision.cls_token,
-        )
+        return self.vision.image_tokens(size)
 
     def generate(
         self,
