@@ -23,9 +23,9 @@ IDS = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7]])
 SIZES = [(90, 50)]
 
 
-def _tiny(seed: int = 0):
+def _tiny(seed: int = 0, preset: str = "tiny"):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(preset="tiny")).eval()
+    return build_model(ModelConfig(preset=preset)).eval()
 
 
 def _images(model):
@@ -39,9 +39,9 @@ def _logits(model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _lora_run(base_dir, adapter_dir):
+def _lora_run(base_dir, adapter_dir, preset: str = "tiny"):
     """A finetune_lora 'run': base saved, LoRA + projector perturbed, checkpoint files as the trainer writes."""
-    model = _tiny()
+    model = _tiny(preset=preset)
     model.save_pretrained(base_dir)
     stage = StageConfig(name="finetune_lora", pretrain_mm_mlp_adapter=None, lora=LoraConfig(r=4, alpha=8))
     peft_model = apply_stage(model, stage)
@@ -56,14 +56,17 @@ def _lora_run(base_dir, adapter_dir):
     return peft_model.eval()
 
 
-def test_merge_lora_same_logits(tmp_path):
-    unmerged = _lora_run(tmp_path / "base", tmp_path / "ckpt")
+@pytest.mark.parametrize(
+    "preset,cls", [("tiny", "LlavaLlamaForCausalLM"), ("tiny_gemma3", "LlavaGemma3ForCausalLM")]
+)
+def test_merge_lora_same_logits(tmp_path, preset, cls):
+    unmerged = _lora_run(tmp_path / "base", tmp_path / "ckpt", preset)
     want = _logits(unmerged)
     merged = merge_lora(tmp_path / "base", tmp_path / "ckpt")
-    assert type(merged).__name__ == "LlavaLlamaForCausalLM"
+    assert type(merged).__name__ == cls  # the base's family, every weight (Gemma's extra norms) loaded
     assert not any(".lora_" in n for n, _ in merged.named_parameters())
     assert (_logits(merged) - want).abs().max().item() <= MERGE_ATOL
-    assert (_logits(_tiny()) - want).abs().max().item() > 1e-3  # the adapter did change the model
+    assert (_logits(_tiny(preset=preset)) - want).abs().max().item() > 1e-3  # the adapter did change it
     merged.save_pretrained(tmp_path / "merged")
     assert (_logits(load_original(tmp_path / "merged")) - want).abs().max().item() <= MERGE_ATOL
 

@@ -42,6 +42,7 @@ def test_real_llm_lora_steps_then_native_export(tmp_path, model, native_type):
     tokenizer = steps.build_tokenizer(base_cfg)
     torch.manual_seed(0)
     steps.build_model(base_cfg, tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")  # as a pretrained checkpoint ships it (gemma3_270m reads it)
     # 2. LoRA steps from that base
     trainer, _, _ = run_steps(
         compose_config(

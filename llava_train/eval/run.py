@@ -27,7 +27,7 @@ from omegaconf import MISSING
 logger = logging.getLogger(__name__)
 
 # transformers-native checkpoints (launch/export.py output), imported back into our model class.
-NATIVE_MODEL_TYPES = ("llava", "llava_next")
+NATIVE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Merge a LoRA run (peft adapter + non-LoRA trainables) into a full ``LlavaLlamaForCausalLM``.
+"""Merge a LoRA run (peft adapter + non-LoRA trainables) into the full LLaVA model it started from.
 
 Everything is named explicitly: the base model (a saved model directory or a model object) and the
 adapter directory. Nothing is inferred from folder names. The adapter directory is what a
@@ -27,11 +27,14 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def load_base(base: str | os.PathLike | LlavaLlamaForCausalLM, dtype: torch.dtype) -> LlavaLlamaForCausalLM:
-    """The base model: ``base`` itself, or ``LlavaLlamaForCausalLM.from_pretrained(base)``."""
+    """The base model: ``base`` itself, or the saved model in ``base`` as its LLM family's class, every
+    weight checked (a Gemma or Qwen3 base read as Llama would silently drop its extra norms)."""
+    from llava_train.export.original import load_original
+
     if isinstance(base, nn.Module):
         return base
     check_base_dir(Path(base))
-    return LlavaLlamaForCausalLM.from_pretrained(str(base), dtype=dtype)
+    return load_original(base, dtype)
 
 
 def check_base_dir(base: Path) -> None:
