@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_model import _image_batch
 from train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_train.model import FAMILIES, ModelConfig, build_model
-from llava_train.model.anyres import get_anyres_image_grid_shape
 
 PRESETS = ["tiny", "tiny_mistral", "tiny_qwen2_siglip", "tiny_qwen3", "tiny_gemma3"]
 FAMILY = {"tiny": "llama", "tiny_mistral": "mistral", "tiny_qwen2_siglip": "qwen2", "tiny_qwen3": "qwen3",
@@ -26,15 +26,6 @@ FAMILY = {"tiny": "llama", "tiny_mistral": "mistral", "tiny_qwen2_siglip": "qwen
 def _model(preset: str):
     torch.manual_seed(0)
     return build_model(ModelConfig(preset=preset)).eval()
-
-
-def _image_batch(model, sizes):
-    side = model.get_vision_tower().image_size
-    images = []
-    for size in sizes:
-        num_w, num_h = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, side)
-        images.append(torch.randn(1 + num_w * num_h, 3, side, side))
-    return images
 
 
 @pytest.mark.parametrize("preset", PRESETS)
