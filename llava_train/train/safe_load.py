@@ -1,7 +1,8 @@
 """Load DeepSpeed checkpoint states without unpickling code.
 
-DeepSpeed's `TorchCheckpointEngine.load` unpickles with torch.load's weights_only switched off: a `*_model_states.pt` or
-`*_optim_states.pt` planted in a checkpoint runs whatever its pickle's `__reduce__` says on resume. The
+DeepSpeed's `TorchCheckpointEngine.load` unpickles with torch.load's weights_only switched off: a
+`*_model_states.pt` or `*_optim_states.pt` planted in a checkpoint runs whatever its pickle's `__reduce__`
+says on resume. The
 Trainer resumes DeepSpeed through `engine.load_checkpoint`, which reads every state file through
 `engine.checkpoint_engine.load`; `use_safe_checkpoint_engine` replaces that method of the engine's checkpoint
 engine with `safe_torch_load`: `torch.load(weights_only=True)`, with torch's allowlist widened by exactly the
