@@ -134,11 +134,17 @@ class TrainingConfig:
     # The setting; gradient accumulation = global / (per_device * world_size), must divide exactly.
     global_batch_size: int = 128
     per_device_batch_size: int = 16
+    # With data.max_tokens_per_batch: the global batch in tokens (budget x world x accumulation, exactly);
+    # None = one micro-batch per rank and step. global/per-device batch sizes are then unused.
+    global_batch_tokens: int | None = None
     precision: Precision = Precision.auto
     gradient_checkpointing: bool = False
     # Sampler grouping and loader workers are data.group_by_modality_length / data.num_workers.
 
     logging_steps: int = 1
+    # The MFU / HFU denominator per device, TFLOP/s. None: a known GPU's dense bf16/fp16 peak, else a matmul
+    # rate measured at train start (docs/THROUGHPUT.md).
+    peak_tflops: float | None = None
     save_steps: int = 500
     save_total_limit: int | None = 2
     progress_bar: bool = True
@@ -340,6 +346,11 @@ def check_consistency(cfg: Config) -> None:
             f"eval.eval_steps ({cfg.eval.eval_steps}) and eval.per_device_batch_size "
             f"({cfg.eval.per_device_batch_size}) must be positive."
         )
+    if t.global_batch_tokens is not None and cfg.data.max_tokens_per_batch is None:
+        raise ValueError(
+            "training.global_batch_tokens needs token-budget micro-batches: set data.max_tokens_per_batch "
+            "(or use training.global_batch_size)."
+        )
     if cfg.stage.lora.qlora and cfg.stage.tune_llm is not LlmTuning.lora:
         raise ValueError("stage.lora.qlora=true only applies to stage=finetune_lora.")
 
@@ -371,6 +382,12 @@ def check_ranges(cfg: Config) -> None:
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
         ("data.max_image_pixels", cfg.data.max_image_pixels, cfg.data.max_image_pixels > 0, "> 0"),
     ]
+    optional = (
+        ("training.peak_tflops", t.peak_tflops),
+        ("training.global_batch_tokens", t.global_batch_tokens),
+        ("data.max_tokens_per_batch", cfg.data.max_tokens_per_batch),
+    )
+    checks += [(name, value, value > 0, "> 0, or null") for name, value in optional if value is not None]
     for name, lr in (("mm_projector_lr", t.mm_projector_lr), ("mm_vision_tower_lr", t.mm_vision_tower_lr)):
         if lr is not None:
             checks.append((f"training.{name}", lr, lr > 0, "> 0, or null (learning_rate)"))
@@ -411,3 +428,18 @@ def gradient_accumulation_steps(global_batch: int, per_device: int, world_size: 
             f"or a per-device batch that divides {global_batch // world_size if global_batch % world_size == 0 else global_batch}."
         )
     return global_batch // per_step
+
+
+def token_accumulation_steps(global_tokens: int | None, budget: int, world_size: int) -> int:
+    """Accumulation steps of token-budget micro-batches: global_tokens = budget * world_size * steps, exactly
+    (None: 1). Each micro-batch holds at most ``budget`` tokens, so a step holds at most ``global_tokens``."""
+    if global_tokens is None:
+        return 1
+    per_step = budget * world_size
+    if global_tokens % per_step:
+        raise ValueError(
+            f"training.global_batch_tokens={global_tokens} is not a multiple of data.max_tokens_per_batch={budget}"
+            f" x world_size={world_size} (= {per_step}): pick a multiple of {per_step}, e.g. "
+            f"{max(global_tokens // per_step, 1) * per_step}."
+        )
+    return global_tokens // per_step

@@ -28,6 +28,11 @@ class DataConfig:
     group_by_modality_length / group_by_length: which sampler the trainer builds.
     packing: pack samples into rows of the model's maximum length (data/packing.py); the per-device
         batch size then counts packed rows.
+    max_tokens_per_batch: token-budget micro-batches (data/sampler.py, TokenBudgetBatchSampler): as many rows
+        (samples, or packed rows under ``packing``) as fit in rows x longest row <= this many tokens, exact
+        lengths (image tokens included); replaces the per-device batch size and implies length grouping.
+        A row longer than the budget is an error naming it: >= the model's maximum length always fits.
+        None: off.
     seed: seeds the mixture sampling (random:N) and the train sampler's order.
     """
 
@@ -41,6 +46,7 @@ class DataConfig:
     group_by_modality_length: bool = False
     group_by_length: bool = False
     packing: bool = False
+    max_tokens_per_batch: int | None = None
     num_workers: int = 2
     seed: int = 0
     streaming: bool = False

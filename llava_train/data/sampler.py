@@ -105,3 +105,115 @@ def build_sampler(
             dataset.modality_lengths, batch_size, world_size, grad_accum, seed
         )
     return LengthGroupedSampler(dataset.lengths, batch_size, world_size, grad_accum, seed)
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Micro-batches of dataset rows under a token budget: rows x longest row <= ``max_tokens``.
+
+    A row is one sample (or one pack of a PackedDataset); ``lengths`` are exact (image feature tokens
+    included), so the budget bounds the padded [b, T] the model sees. Each epoch (seeded by ``seed +
+    epoch``, identical on every rank) shuffles the rows, sorts them by length (a stable sort: equal
+    lengths stay in shuffled order), cuts the sorted run greedily into micro-batches, and shuffles the
+    micro-batches. Every row is in exactly one micro-batch per epoch, and the number of micro-batches is
+    the same every epoch (it depends on the sorted lengths only). That number is made a multiple of
+    ``world_size * grad_accum`` (accelerate deals whole micro-batches to ranks; an optimizer step takes
+    that many) by splitting the micro-batches with the most rows in two, never by repeating rows.
+
+    Args:
+        lengths: exact length per row; a negative sign (modality_lengths) marks text-only rows.
+        max_tokens: the budget (data.max_tokens_per_batch).
+        world_size, grad_accum: ranks and accumulation steps.
+        seed: base seed; the epoch is added (set_epoch).
+        by_modality: micro-batches are single-modality (all with image, or all text-only).
+        names: per-row names for error messages (default: the index).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        world_size: int = 1,
+        grad_accum: int = 1,
+        seed: int = 0,
+        by_modality: bool = False,
+        names: Sequence[str] | None = None,
+    ):
+        self.lengths = [abs(int(n)) for n in lengths]
+        too_long = [i for i, n in enumerate(self.lengths) if n > max_tokens]
+        if too_long:
+            i = too_long[0]
+            name = names[i] if names is not None else f"index {i}"
+            raise ValueError(
+                f"{len(too_long)} row(s) are longer than data.max_tokens_per_batch={max_tokens} (first: {name}, "
+                f"{self.lengths[i]} tokens) and fit no micro-batch: raise the budget to at least the model's "
+                "maximum length (model.model_max_length), the longest a sample can be"
+            )
+        signs = [int(n) > 0 for n in lengths] if by_modality else [True] * len(self.lengths)
+        self.groups = [[i for i, s in enumerate(signs) if s == key] for key in (True, False)]
+        self.max_tokens, self.multiple = max_tokens, world_size * grad_accum
+        self.seed, self.epoch = seed, 0
+        self._count = len(self._batches())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches: list[list[int]] = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            order.sort(key=lambda i: -self.lengths[i])
+            batches += self._cut(order)
+        batches = self._split_to_multiple(batches)
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        """Greedy over rows sorted longest first: the first row of a micro-batch sets its width."""
+        batches: list[list[int]] = []
+        for i in order:
+            if batches and (len(batches[-1]) + 1) * self.lengths[batches[-1][0]] <= self.max_tokens:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    def _split_to_multiple(self, batches: list[list[int]]) -> list[list[int]]:
+        while len(batches) % self.multiple:
+            k = max(range(len(batches)), key=lambda j: len(batches[j]))
+            if len(batches[k]) < 2:
+                raise ValueError(
+                    f"{sum(map(len, batches))} rows cannot make a multiple of world_size x gradient accumulation "
+                    f"(= {self.multiple}) micro-batches: use more data, fewer ranks, or a smaller "
+                    "training.global_batch_tokens"
+                )
+            half = (len(batches[k]) + 1) // 2
+            batches[k : k + 1] = [batches[k][:half], batches[k][half:]]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def build_token_budget_sampler(
+    dataset,
+    max_tokens: int,
+    world_size: int = 1,
+    grad_accum: int = 1,
+    seed: int = 0,
+    by_modality: bool = False,
+    num_workers: int = 0,
+) -> TokenBudgetBatchSampler:
+    """The token-budget batch sampler for a sample dataset (exact lengths computed, cached) or a PackedDataset."""
+    from llava_train.data.packing import PackedDataset, exact_lengths
+
+    if isinstance(dataset, PackedDataset):
+        lengths = dataset.lengths
+    else:
+        lengths = exact_lengths(dataset, num_workers)
+    if by_modality:  # the sign of modality_lengths marks text-only rows
+        lengths = [n if m > 0 else -n for n, m in zip(lengths, dataset.modality_lengths)]
+    names = [str(p) for p in dataset.packs] if isinstance(dataset, PackedDataset) else None
+    return TokenBudgetBatchSampler(lengths, max_tokens, world_size, grad_accum, seed, by_modality, names)

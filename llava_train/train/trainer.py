@@ -8,6 +8,10 @@ What the subclass changes, and only that:
 - `num_items_in_batch`: supervised tokens counted the way the model's loss counts them (below);
 - what a checkpoint holds per stage (llava_train/train/checkpoint.py), written atomically;
 - resume without DeepSpeed for the projector-only and LoRA checkpoints;
+- the train loader under token budgets (data.max_tokens_per_batch): variable-size micro-batches from
+  data.sampler.TokenBudgetBatchSampler, accumulation derived from training.global_batch_tokens;
+- `floating_point_ops`: the step's FLOPs by flops.py, and `tokens_per_second`, `tflops`, `mfu`, `hfu` in every
+  log (and run_dir/throughput.jsonl);
 - fault tolerance (faults.py): SIGTERM / SIGINT save a checkpoint and exit 128 + signum, a non-finite loss or
   gradient norm skips the optimizer update, a checkpoint carries the bad-record and skipped-step counters,
   and a resume refuses a checkpoint whose files disagree with its manifest.
@@ -27,6 +31,8 @@ import contextlib
 import logging
 import os
 import shutil
+import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,10 +47,12 @@ from llava_train.config import (
     StageName,
     deepspeed_config_path,
     gradient_accumulation_steps,
+    token_accumulation_steps,
 )
 from llava_train.constants import IGNORE_INDEX
 from llava_train.train import checkpoint as ckpt
 from llava_train.train import faults
+from llava_train.train import flops as fl
 from llava_train.train.stages import component_of
 
 logger = logging.getLogger(__name__)
@@ -126,7 +134,12 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         precision = Precision.bf16 if cuda and torch.cuda.is_bf16_supported() else Precision.fp32
     if precision in (Precision.bf16, Precision.fp16) and not cuda:
         logger.warning("precision=%s on CPU: autocast is ~23x slower than fp32 here.", precision.value)
-    accumulation = gradient_accumulation_steps(t.global_batch_size, t.per_device_batch_size, world)
+    budget = cfg.data.max_tokens_per_batch
+    if budget is None:
+        accumulation = gradient_accumulation_steps(t.global_batch_size, t.per_device_batch_size, world)
+        per_device = t.per_device_batch_size
+    else:  # the batch sampler sizes each micro-batch; the Trainer's batch size is its bookkeeping only
+        accumulation, per_device = token_accumulation_steps(t.global_batch_tokens, budget, world), 1
     report_to = "none"
     if t.report_to_wandb:
         check_wandb_mode_env(t.wandb_mode.value)
@@ -150,7 +163,7 @@ def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArgu
         warmup_steps=t.warmup_ratio,  # < 1: a ratio of the total steps (Trainer 5.x)
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
         bf16=precision == Precision.bf16,
         fp16=precision == Precision.fp16,
@@ -188,6 +201,7 @@ class LlavaTrainer(Trainer):
         self.graceful_stop = faults.GracefulStop()
         self.bad_record_counts: dict[str, int] = {}  # as of the last batch trained on (checkpointed)
         self.checkpoint_estimate: int | None = None  # bytes of one checkpoint (steps.check_disk_space)
+        self.throughput: fl.ThroughputMeter | None = None  # started by _prepare_for_training
         dataset = kwargs.get("train_dataset")
         if hasattr(dataset, "bad_record_stats") and kwargs.get("data_collator") is not None:
             kwargs["data_collator"] = faults.CountingCollator(kwargs["data_collator"], dataset)
@@ -217,6 +231,11 @@ class LlavaTrainer(Trainer):
         return result
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        prepared = self._prepare_engine(max_steps, train_dataloader, resume_from_checkpoint)
+        self._start_throughput()  # gradient checkpointing is set by now, and the clock starts with the loop
+        return prepared
+
+    def _prepare_engine(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not (self.is_deepspeed_enabled and resume_from_checkpoint):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         # DeepSpeed's own checkpoint engine unpickles with weights_only=False: build the engine without
@@ -246,7 +265,47 @@ class LlavaTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs["nonfinite_skipped"] = self.nonfinite.skipped
+            logs.update(self._throughput_figures())
         super().log(logs, *args, **kwargs)
+
+    # ---- throughput: FLOPs, MFU, tokens/s (flops.py) -----------------------------------------
+    def _start_throughput(self) -> None:
+        from llava_train.data.config import VisionSpec
+
+        self._flop_model = fl.flop_model(
+            self.model, fsdp_checkpointing=self.llava_cfg.fsdp.activation_checkpointing
+        )
+        vision = VisionSpec.from_model(self.model).with_aspect_ratio(self.llava_cfg.data.image_aspect_ratio)
+        self._image_tokens, self._max_length = vision.image_tokens, vision.model_max_length
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        peak, source = fl.peak_tflops(self.llava_cfg.training.peak_tflops, self.args.device, dtype)
+        self.throughput = fl.ThroughputMeter(peak, source, self.args.world_size)
+        logger.info("MFU denominator: %.3g TFLOP/s per device (%s)", peak, source)
+
+    def floating_point_ops(self, inputs: dict) -> float:
+        """Model FLOPs of one micro-batch (flops.py; also the Trainer's total_flos); HFU's are kept aside."""
+        if self.throughput is None:
+            return super().floating_point_ops(inputs)
+        flops = fl.batch_flops(self._flop_model, inputs, self._image_tokens, self._max_length)
+        self.throughput.interval.add(flops)
+        return flops.model
+
+    def _throughput_figures(self) -> dict[str, float]:
+        """tokens_per_second (all ranks), tflops, mfu, hfu (per device) since the last log; rank 0 appends
+        them to run_dir/throughput.jsonl. Called on every rank (the Trainer logs on all of them)."""
+        meter = self.throughput
+        if meter is None or not self.model.training:
+            return {}
+        seconds = time.perf_counter() - meter.start
+        interval = meter.interval
+        totals = torch.tensor([interval.tokens, interval.model, interval.hardware], dtype=torch.float64)
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+        figures = meter.figures(totals.tolist(), seconds)
+        if self.args.should_save:
+            meter.write(self.args.output_dir, self.state.global_step, seconds, figures)
+        meter.restart()
+        return figures
 
     # ---- optimizer -------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -270,6 +329,37 @@ class LlavaTrainer(Trainer):
         return norm
 
     # ---- sampler ---------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        budget = self.llava_cfg.data.max_tokens_per_batch
+        if budget is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        from llava_train.data.sampler import build_token_budget_sampler
+
+        data = self.llava_cfg.data
+        sampler = build_token_budget_sampler(
+            self.train_dataset,
+            budget,
+            world_size=self.args.world_size,
+            grad_accum=self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+            by_modality=data.group_by_modality_length,
+            num_workers=data.num_workers,
+        )
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,  # identical on every rank; accelerate deals whole micro-batches out
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        return self.accelerator.prepare(loader)
+
     def _get_train_sampler(self, train_dataset=None):
         data = self.llava_cfg.data
         if not (data.group_by_modality_length or data.group_by_length):
