@@ -6,6 +6,7 @@ comparison passes the swapped pairs in the same order.
 
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from llava_train.model.anyres import (
     parse_grid_pinpoints,
     select_best_resolution,
     unpad_image,
+    unpadded_shape,
 )
 
 V16 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -145,3 +147,104 @@ def test_cls_patch_with_a_spatial_merge_is_refused():
             (60, 40), image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
             image_grid_pinpoints=[[56, 56]], crop_size=56, patches_per_side=4, cls_token=True,
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# mm_unpad_rounding: floor (the original LLaVA / LLaVA-NeXT) vs round (transformers)
+# ----------------------------------------------------------------------------------------------
+
+
+def _original_unpad(fmap: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """The original's unpad arithmetic, restated: int() of the scaled side, then the symmetric padding."""
+    original_width, original_height = original_size
+    current_height, current_width = fmap.shape[-2:]
+    if original_width / original_height > current_width / current_height:
+        new_height = int(original_height * (current_width / original_width))
+        padding = (current_height - new_height) // 2
+        return fmap[..., padding : current_height - padding, :]
+    new_width = int(original_width * (current_height / original_height))
+    padding = (current_width - new_width) // 2
+    return fmap[..., padding : current_width - padding]
+
+
+def _rounding_sweep(pinpoints, crop: int, side: int, sides: range):
+    """Every (w, h) in sides x sides with its grid's feature map [1, H, W]; and those where floor != round."""
+    canvases = parse_grid_pinpoints(pinpoints, crop)
+    maps, sizes, differ = {}, [], []
+    for w in sides:
+        for h in sides:
+            best_w, best_h = select_best_resolution((w, h), canvases)
+            shape = (best_h // crop * side, best_w // crop * side)
+            if shape not in maps:
+                maps[shape] = torch.arange(shape[0] * shape[1]).view(1, *shape)
+            sizes.append(((w, h), maps[shape]))
+            if unpadded_shape(*shape, (w, h), "floor") != unpadded_shape(*shape, (w, h), "round"):
+                differ.append((w, h))
+    return sizes, differ
+
+
+# (pinpoints, crop, patches per side, sizes where floor and round differ in the sweep over 1..199 squared)
+ROUNDING_GEOMETRIES = {
+    "tiny": (TINY, 56, 4, [(47, 188), (188, 47)]),
+    "v16": (V16, 336, 24, [(55, 176), (88, 55), (88, 99), (176, 110), (176, 198)]),
+}
+
+
+@pytest.mark.parametrize("geometry", sorted(ROUNDING_GEOMETRIES))
+def test_floor_unpad_is_the_originals_arithmetic(geometry):
+    """floor = the original's int() on every size of the sweep; where it differs from round (float error in
+    the scaled side), round is transformers' and floor keeps two rows or columns fewer."""
+    pinpoints, crop, side, expected = ROUNDING_GEOMETRIES[geometry]
+    sizes, differ = _rounding_sweep(pinpoints, crop, side, range(1, 200))
+    assert differ == expected
+    for size, fmap in sizes:
+        assert torch.equal(unpad_image(fmap, size, "floor"), _original_unpad(fmap, size)), size
+    for w, h in differ:
+        fmap = dict(sizes)[(w, h)]
+        floor, rounded = unpad_image(fmap, (w, h), "floor"), unpad_image(fmap, (w, h), "round")
+        assert torch.equal(rounded, hf_next.unpad_image(fmap, (h, w)))
+        assert sorted([a - b for a, b in zip(rounded.shape, floor.shape)]) == [0, 0, 2]
+    with pytest.raises(ValueError, match="mm_unpad_rounding='Floor'; use 'round'"):
+        unpadded_shape(8, 8, (49, 49), "Floor")
+
+
+ROUNDING_SIZES = [(47, 188), (343, 392), (90, 50)]  # unpadded maps (tiny): floor 12x2, 6x8; round 12x4, 8x8
+
+
+# whether the token counts differ per size: anyres_max_1 downscales both of (47, 188)'s maps to 34 tokens
+@pytest.mark.parametrize(
+    "aspect,differs", [("anyres", [True, True, False]), ("anyres_max_1", [False, True, False])]
+)
+def test_model_features_follow_mm_unpad_rounding(tiny_model, monkeypatch, aspect, differs):
+    """Both settings: the merged length is what the data side counts (VisionSpec); floor's tokens are the
+    original's unpad of the grid's feature map (read from the plain spatial merge), then the newline."""
+    model = tiny_model
+    monkeypatch.setattr(model.config, "image_aspect_ratio", aspect)
+    monkeypatch.setattr(model.config, "mm_patch_merge_type", "spatial_unpad")
+    torch.manual_seed(0)
+    crops = _anyres_crops(model, ROUNDING_SIZES)
+    lengths = {}
+    for rounding in ("round", "floor"):
+        monkeypatch.setattr(model.config, "mm_unpad_rounding", rounding)
+        with torch.no_grad():
+            features = model.image_features(crops, ROUNDING_SIZES)
+        counts = _data_side_counts(model, ROUNDING_SIZES)
+        assert [f.shape[0] for f in features] == counts
+        lengths[rounding] = counts
+    assert [a != b for a, b in zip(lengths["round"], lengths["floor"])] == differs
+    if aspect != "anyres":
+        return  # anyres_max_N resizes the map bilinearly: the rows kept are checked through the count
+    monkeypatch.setattr(model.config, "mm_patch_merge_type", "spatial")
+    with torch.no_grad():
+        grids = model.image_features(crops, ROUNDING_SIZES)  # base crop, then the whole grid's map
+    newline = model.get_model().image_newline
+    pp = model.get_vision_tower().num_patches_per_side ** 2
+    side = model.get_vision_tower().image_size
+    for size, grid, got in zip(ROUNDING_SIZES, grids, features):
+        num_w, num_h = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, side)
+        p = math.isqrt(pp)
+        fmap = grid[pp:].view(num_h * p, num_w * p, -1).permute(2, 0, 1)  # [h, H, W]
+        kept = _original_unpad(fmap, size)  # [h, H', W']
+        kept = torch.cat([kept, newline[:, None, None].expand(-1, kept.shape[1], 1)], dim=-1)  # [h, H', W'+1]
+        want = torch.cat([grid[:pp], kept.flatten(1).T])  # [P*P + H'*(W'+1), h]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -245,4 +245,20 @@ def test_every_model_yaml_builds_on_the_meta_device(choice, no_conversion):
     assert (spec.crop_size, spec.patches_per_side) == (tower.config.image_size, tower.num_patches_per_side)
     assert spec.image_aspect_ratio == (cfg.model.image_aspect_ratio or mm["image_aspect_ratio"])
     assert spec.model_max_length == (cfg.model.model_max_length or mm["model_max_length"])
+    assert spec.mm_unpad_rounding == (cfg.model.mm_unpad_rounding or mm["mm_unpad_rounding"])
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_unpad_rounding_is_a_model_key_checked_at_load():
+    """The v1.6 YAMLs unpad with the original's floor (their preset's), model.mm_unpad_rounding overrides it,
+    and a wrong value fails at load with the choices."""
+    from llava_train.model.builder import build_llava_config
+
+    def rounding(*overrides: str) -> str:
+        cfg = to_typed(compose_config(_fill_missing(["stage=finetune", *overrides])))
+        return build_llava_config(cfg.model).mm_unpad_rounding
+
+    assert rounding("model=llava_v16_vicuna7b") == "floor"
+    assert rounding("model=llava_v16_vicuna7b", "model.mm_unpad_rounding=round") == "round"
+    with pytest.raises(ValueError, match="mm_unpad_rounding='Floor'; use 'round'"):
+        rounding("model=tiny", "model.mm_unpad_rounding=Floor")

@@ -107,6 +107,32 @@ def test_original_layout_checkpoint_loads(tmp_path):
         load_original(tmp_path)
 
 
+def test_unpad_rounding_round_trips_through_the_original_layout(tmp_path):
+    """mm_unpad_rounding is saved and loaded with the checkpoint; a config.json without it (the original's
+    releases) loads as round; a wrong value fails at load with the fix."""
+    from llava_train.data.config import VisionSpec
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", mm_unpad_rounding="floor")).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["mm_unpad_rounding"] == "floor"
+    loaded = load_original(tmp_path)
+    assert loaded.config.mm_unpad_rounding == VisionSpec.from_model(loaded).mm_unpad_rounding == "floor"
+    images, sizes = [torch.randn(4, 3, 56, 56)], [(47, 188)]  # a 1 x 3 grid; floor keeps 2 of 4 columns
+    with torch.no_grad():
+        want = model(input_ids=IDS, images=images, image_sizes=sizes).logits
+        got = loaded(input_ids=IDS, images=images, image_sizes=sizes).logits
+    assert want.shape[1] == IDS.shape[1] - 1 + VisionSpec.from_model(loaded).image_tokens((47, 188))
+    assert torch.equal(got, want)
+    del config["mm_unpad_rounding"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_original(tmp_path).config.mm_unpad_rounding == "round"
+    (tmp_path / "config.json").write_text(json.dumps({**config, "mm_unpad_rounding": "Floor"}))
+    with pytest.raises(Exception, match="mm_unpad_rounding='Floor'; use 'round'"):
+        load_original(tmp_path)
+
+
 @pytest.mark.parametrize("suffix", ["bin", "safetensors"])
 def test_projector_only_release_file(tmp_path, suffix):
     source, target = _tiny(4), _tiny(5)

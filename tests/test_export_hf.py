@@ -24,6 +24,7 @@ from llava_train.data import (
     tokenizer_image_token,
 )
 from llava_train.export import export_hf, import_hf, native_kind, to_native_model
+from llava_train.export.hf_native import check_native_rounding
 from llava_train.model import ModelConfig, build_llava_config, build_model
 from llava_train.model.anyres import num_image_tokens, parse_grid_pinpoints
 
@@ -198,6 +199,7 @@ def test_export_same_logits_and_greedy_tokens(tokenizer, tmp_path, preset, kind)
     back = import_hf(tmp_path)
     assert type(back) is type(model)  # the native text config's family comes back
     assert back.config.image_aspect_ratio == model.config.image_aspect_ratio
+    assert back.config.mm_unpad_rounding == "round"  # transformers' unpad
     if kind != "llava":
         side = model.get_vision_tower().image_size
         grid = [parse_grid_pinpoints(c.image_grid_pinpoints, side) for c in (back.config, model.config)]
@@ -261,6 +263,35 @@ def test_export_refuses_unmappable_models(overrides, reason):
         native_kind(config)
 
 
+@pytest.mark.parametrize(
+    "preset", ["llava-v1.6-vicuna-7b", "llava-v1.6-mistral-7b", "llava-onevision-qwen2-7b"]
+)
+def test_released_presets_unpad_with_floor_and_export_only_with_the_switch(preset):
+    config = build_llava_config(ModelConfig(preset=preset))
+    assert config.mm_unpad_rounding == "floor"
+    with pytest.raises(ValueError, match=r"mm_unpad_rounding='floor'.*accept_native_rounding=True"):
+        check_native_rounding(config)
+    check_native_rounding(config, accept_native_rounding=True)
+
+
+def test_floor_unpad_model_is_refused_before_anything_is_written(tokenizer, tmp_path, caplog):
+    """The native classes round: a floor model exports only with accept_native_rounding, and says so; a flat
+    merge has no unpad and exports as it is."""
+    model = _model(tokenizer, 0, mm_unpad_rounding="floor")
+    out = tmp_path / "native"
+    with pytest.raises(ValueError, match="accept_native_rounding=True"):
+        export_hf(model, tokenizer, out, template=TEMPLATE)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="accept_native_rounding=True"):
+        to_native_model(model, image_token_index=len(tokenizer))
+    with caplog.at_level("WARNING", logger="llava_train.export.hf_native"):
+        native = to_native_model(model, image_token_index=len(tokenizer), accept_native_rounding=True)
+    assert native.config.model_type == "llava_next"
+    assert "native model rounds instead" in caplog.text
+    flat = _model(tokenizer, 0, mm_unpad_rounding="floor", **FLAT)
+    assert to_native_model(flat, image_token_index=len(tokenizer)).config.model_type == "llava"
+
+
 def test_released_onevision_shape_exports_as_llava_hf_lays_it_out():
     """llava-onevision-qwen2-7b on the meta device -> the llava-hf config, every weight placed, same count."""
     from transformers import LlavaOnevisionConfig
@@ -269,7 +300,8 @@ def test_released_onevision_shape_exports_as_llava_hf_lays_it_out():
 
     with torch.device("meta"):
         model = build_model(ModelConfig(preset="llava-onevision-qwen2-7b"))
-        native = to_native_model(model, image_token_index=151646)  # <image> after Qwen2's 151646 tokens
+        # <image> after Qwen2's 151646 tokens; the preset unpads with the original's floor, the native rounds
+        native = to_native_model(model, image_token_index=151646, accept_native_rounding=True)
     config = native_config(model, 151646)
     assert (config.model_type, config.vision_aspect_ratio) == ("llava_onevision", "anyres_max_9")
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")

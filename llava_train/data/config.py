@@ -6,7 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from llava_train.model.anyres import check_grid_pinpoints, is_anyres, num_image_tokens, parse_grid_pinpoints
+from llava_train.model.anyres import (
+    check_grid_pinpoints,
+    check_unpad_rounding,
+    is_anyres,
+    num_image_tokens,
+    parse_grid_pinpoints,
+)
 
 
 @dataclass
@@ -76,6 +82,7 @@ class VisionSpec:
     image_grid_pinpoints: anyres canvases, [[w, h], ...] or a range "(1x1),...,(3x3)".
     model_max_length: the longest sample in tokens, image feature tokens included (the model's
         truncation length).
+    mm_unpad_rounding: round | floor, how the unpad sizes the grid's feature map (as in the model config).
     """
 
     crop_size: int = 336
@@ -86,10 +93,12 @@ class VisionSpec:
     image_aspect_ratio: str = "pad"
     image_grid_pinpoints: Any = None
     model_max_length: int = 2048
+    mm_unpad_rounding: str = "round"
 
     def __post_init__(self) -> None:
         if self.model_max_length <= 0:
             raise ValueError(f"model_max_length={self.model_max_length} must be positive")
+        check_unpad_rounding(self.mm_unpad_rounding)
         if is_anyres(self.image_aspect_ratio):
             if not self.image_grid_pinpoints:
                 raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r} needs image_grid_pinpoints")
@@ -108,6 +117,7 @@ class VisionSpec:
             crop_size=tower.image_size,
             patches_per_side=tower.num_patches_per_side,
             mm_patch_merge_type=getattr(config, "mm_patch_merge_type", "flat") or "flat",
+            mm_unpad_rounding=config.mm_unpad_rounding,
             mm_use_im_start_end=bool(getattr(config, "mm_use_im_start_end", False)),
             cls_token=tower.has_cls_token and getattr(tower, "select_feature", "patch") == "cls_patch",
             image_aspect_ratio=getattr(config, "image_aspect_ratio", "pad") or "pad",
@@ -125,6 +135,7 @@ class VisionSpec:
             crop_size=self.crop_size,
             patches_per_side=self.patches_per_side,
             cls_token=self.cls_token,
+            unpad_rounding=self.mm_unpad_rounding,
         )
 
     def with_aspect_ratio(self, image_aspect_ratio: str | None) -> VisionSpec:

@@ -21,6 +21,11 @@ Differences handled here (ours -> native):
 - grid pinpoints: ours / LLaVA's are (width, height), transformers' are (height, width): each pair is
   swapped, the order kept. ``image_sizes`` passed to the native model are (height, width) too.
 - state-dict keys (see ``_TO_NATIVE``); ``mm_projector.0/.2`` = ``multi_modal_projector.linear_1/_2``.
+
+Not handled: the native unpad always rounds (``mm_unpad_rounding="round"``). A model trained with
+``floor`` (the original's, the v1.6 / OneVision presets') is refused unless ``accept_native_rounding``:
+the native model would then see two more feature rows (or columns) than training did for a few image
+sizes (docs/FIDELITY.md).
 """
 
 from __future__ import annotations
@@ -110,6 +115,26 @@ def native_kind(config: LlavaConfig) -> str:
     if problems:
         raise ValueError("cannot export to the transformers-native format:\n  - " + "\n  - ".join(problems))
     return kind
+
+
+def check_native_rounding(config: LlavaConfig, accept_native_rounding: bool = False) -> None:
+    """Refuse a ``floor`` unpad (the original's), which no native class has, unless ``accept_native_rounding``.
+
+    transformers' LlavaNext / LlavaOnevision always round; a flat merge (Llava) has no unpad.
+    """
+    if "unpad" not in config.mm_patch_merge_type or config.mm_unpad_rounding == "round":
+        return
+    effect = (
+        "the native model rounds instead, which for a few image sizes keeps two more feature rows (or "
+        "columns) than training did (docs/FIDELITY.md)"
+    )
+    if not accept_native_rounding:
+        raise ValueError(
+            f"mm_unpad_rounding={config.mm_unpad_rounding!r} (the original LLaVA's int() in unpad_image): {effect}. "
+            "Export anyway with accept_native_rounding=True (launch/export.py ... accept_native_rounding=true), "
+            "or keep the original layout (save_pretrained / load_original), which keeps the key"
+        )
+    logger.warning("exporting a mm_unpad_rounding=%r model: %s", config.mm_unpad_rounding, effect)
 
 
 def swap_pinpoints(pinpoints: list) -> list[list[int]]:
@@ -283,10 +308,16 @@ def native_processor(model: LlavaLlamaForCausalLM, tokenizer: Any, chat_template
     )
 
 
-def to_native_model(model: LlavaLlamaForCausalLM, image_token_index: int) -> nn.Module:
-    """The native Llava / LlavaNext / LlavaOnevision ForConditionalGeneration with our weights (fp32)."""
+def to_native_model(
+    model: LlavaLlamaForCausalLM, image_token_index: int, accept_native_rounding: bool = False
+) -> nn.Module:
+    """The native Llava / LlavaNext / LlavaOnevision ForConditionalGeneration with our weights (fp32).
+
+    ``accept_native_rounding``: see :func:`check_native_rounding`.
+    """
     import transformers
 
+    check_native_rounding(model.config, accept_native_rounding)
     config = native_config(model, image_token_index)
     cls = getattr(transformers, _NATIVE_CLASS[config.model_type])
     native = cls(config).to(model.dtype)
@@ -303,6 +334,7 @@ def export_hf(
     out_dir: str | os.PathLike,
     chat_template: str | None = None,
     template: str | Template | None = None,
+    accept_native_rounding: bool = False,
 ) -> Path:
     """Write ``model`` + processor to ``out_dir`` in the transformers-native format; returns the dir.
 
@@ -310,9 +342,12 @@ def export_hf(
     ``AutoProcessor.from_pretrained(out_dir)``. ``template`` (the conversation template the model was
     trained with) gives the processor and tokenizer a ``chat_template``, so
     ``processor.apply_chat_template(messages, add_generation_prompt=True)`` builds our prompt ids;
-    ``chat_template`` sets a Jinja string directly instead.
+    ``chat_template`` sets a Jinja string directly instead. ``accept_native_rounding``: export a model
+    with the original's floor unpad to the native classes, which round (:func:`check_native_rounding`).
     """
     native_kind(model.config)  # refuse early, before copying anything
+    if not accept_native_rounding:
+        check_native_rounding(model.config)  # accepted: to_native_model logs the difference
     if DEFAULT_IMAGE_TOKEN in tokenizer.get_vocab():
         raise ValueError(
             f"the tokenizer already holds {DEFAULT_IMAGE_TOKEN!r} as an ordinary token; ours mark images with "
@@ -323,7 +358,7 @@ def export_hf(
         chat_template = native_chat_template(template, tokenizer, tok)
     if chat_template is not None:
         tok.chat_template = chat_template
-    native = to_native_model(model, image_id)
+    native = to_native_model(model, image_id, accept_native_rounding)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     native.save_pretrained(out)
@@ -393,6 +428,7 @@ def our_config(native: Any, aspect: str) -> LlavaConfig:
         mm_vision_select_feature=select,
         mm_projector_type="mlp2x_gelu",
         mm_patch_merge_type="spatial_unpad" if is_next else "flat",
+        mm_unpad_rounding="round",  # transformers' unpad
         image_aspect_ratio=aspect,
         image_grid_pinpoints=swap_pinpoints(native.image_grid_pinpoints) if is_next else None,
         use_mm_proj=True,

@@ -132,6 +132,7 @@ def our_mm_fields(native: Any) -> dict[str, Any]:
         mm_vision_select_layer=layer,
         mm_vision_select_feature=select,
         mm_patch_merge_type="spatial_unpad",
+        mm_unpad_rounding="round",  # transformers' unpad
         image_aspect_ratio=native.vision_aspect_ratio,
         image_grid_pinpoints=_swap(native.image_grid_pinpoints),
     )

@@ -41,6 +41,8 @@ class ExportConfig:
     dtype: str = "float32"
     template: str | None = None  # hf: the chat template's conversation template (None: data.template of
     # <model_dir>/config.yaml; without either the export has no chat template)
+    # hf: export a model with mm_unpad_rounding=floor (the original's) though the native classes round
+    accept_native_rounding: bool = False
 
 
 def register_export_config(name: str = "llava_export") -> None:
@@ -93,7 +95,13 @@ def run_export(cfg: ExportConfig) -> Path:
             logger.warning(
                 "no template= and no data.template in %s/config.yaml: no chat template", cfg.model_dir
             )
-        export_hf(model, load_tokenizer(cfg.tokenizer), out, template=template)
+        export_hf(
+            model,
+            load_tokenizer(cfg.tokenizer),
+            out,
+            template=template,
+            accept_native_rounding=cfg.accept_native_rounding,
+        )
     else:
         _need(cfg, "model_dir")
         import_hf(cfg.model_dir, dtype=dtype).save_pretrained(out)

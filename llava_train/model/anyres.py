@@ -91,27 +91,48 @@ def get_anyres_image_grid_shape(
     return width // patch_size, height // patch_size
 
 
-def unpadded_shape(height: int, width: int, original_size: Size) -> tuple[int, int]:
+UNPAD_ROUNDINGS = ("round", "floor")
+
+
+def check_unpad_rounding(rounding: str) -> str:
+    """``rounding`` if it is one of :data:`UNPAD_ROUNDINGS`; a ValueError naming the fix otherwise."""
+    if rounding not in UNPAD_ROUNDINGS:
+        raise ValueError(
+            f"mm_unpad_rounding={rounding!r}; use 'round' (transformers' LlavaNext, the default) or 'floor' "
+            "(the original LLaVA / LLaVA-NeXT int(), as the released v1.6 and OneVision checkpoints trained)"
+        )
+    return rounding
+
+
+def _scaled_side(side: int, scale: float, rounding: str) -> int:
+    """``int(side * scale)``, rounded to 7 decimals first with ``round`` (float error: 335.999... -> 336)."""
+    exact = side * scale
+    return int(round(exact, 7)) if check_unpad_rounding(rounding) == "round" else int(exact)
+
+
+def unpadded_shape(height: int, width: int, original_size: Size, rounding: str = "round") -> tuple[int, int]:
     """(H', W') left after removing the letterbox padding from a [.., height, width] feature map.
 
     The image of ``original_size`` (w, h) was resized to fit (width, height) and centred; the
-    padding is removed symmetrically. ``round(x, 7)`` guards against float error (as transformers
-    does); the original's plain ``int()`` loses a row when e.g. 336 * (2/3) * 1.5 = 335.999...
+    padding is removed symmetrically. ``rounding`` (the config's ``mm_unpad_rounding``): ``round``
+    rounds the scaled side to 7 decimals before ``int()``, as transformers does; ``floor`` is the
+    original's plain ``int()``, which can cut two more rows (or columns) when e.g. 47 * (12 / 188)
+    = 2.9999999999999996 (docs/FIDELITY.md).
     """
     orig_w, orig_h = original_size
     if orig_w / orig_h > width / height:
-        new_h = int(round(orig_h * (width / orig_w), 7))
+        new_h = _scaled_side(orig_h, width / orig_w, rounding)
         pad = (height - new_h) // 2
         return height - 2 * pad, width
-    new_w = int(round(orig_w * (height / orig_h), 7))
+    new_w = _scaled_side(orig_w, height / orig_h, rounding)
     pad = (width - new_w) // 2
     return height, width - 2 * pad
 
 
-def unpad_image(tensor: torch.Tensor, original_size: Size) -> torch.Tensor:
+def unpad_image(tensor: torch.Tensor, original_size: Size, rounding: str = "round") -> torch.Tensor:
     """Crop the padding off a [c, H, W] feature map of an image whose size was (w, h)."""
     height, width = tensor.shape[-2:]
-    new_h, new_w = unpadded_shape(height, width, original_size)
+    new_h, new_w = unpadded_shape(height, width, original_size, rounding)
     top, left = (height - new_h) // 2, (width - new_w) // 2
     return tensor[..., top : top + new_h, left : left + new_w]
 
@@ -156,12 +177,14 @@ def num_image_tokens(
     crop_size: int,
     patches_per_side: int,
     cls_token: bool = False,
+    unpad_rounding: str = "round",
 ) -> int:
     """Exact number of feature tokens the model inserts for one image of ``image_size`` (w, h).
 
     Mirrors the merge in ``LlavaMetaForCausalLM``: non-anyres images arrive stacked and are
     always flat (P*P tokens, + 1 with ``cls_token``: select_feature cls_patch); anyres images arrive
-    as [1 + crops, 3, s, s] and are merged per ``mm_patch_merge_type``.
+    as [1 + crops, 3, s, s] and are merged per ``mm_patch_merge_type``; ``unpad_rounding`` is the
+    config's ``mm_unpad_rounding`` (see :func:`unpadded_shape`).
     """
     base = patches_per_side**2 + int(cls_token)
     if not is_anyres(image_aspect_ratio):
@@ -174,7 +197,9 @@ def num_image_tokens(
     if mm_patch_merge_type == "spatial":
         return base + num_w * num_h * base
     if mm_patch_merge_type.startswith("spatial") and "unpad" in mm_patch_merge_type:
-        height, width = unpadded_shape(num_h * patches_per_side, num_w * patches_per_side, image_size)
+        height, width = unpadded_shape(
+            num_h * patches_per_side, num_w * patches_per_side, image_size, unpad_rounding
+        )
         max_patches = anyres_max_patches(image_aspect_ratio)
         if max_patches is not None:
             height, width = anyres_max_shape(height, width, max_patches, patches_per_side)

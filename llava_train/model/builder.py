@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llava_train.model.anyres import check_unpad_rounding
 from llava_train.model.families import family_class
 from llava_train.model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava_train.model.presets import PRESETS
@@ -32,6 +33,7 @@ _LLM_OVERRIDES = (
 _MM_OVERRIDES = (
     "mm_projector_type",
     "mm_patch_merge_type",
+    "mm_unpad_rounding",
     "image_aspect_ratio",
     "image_grid_pinpoints",
     "mm_vision_select_layer",
@@ -72,6 +74,8 @@ class ModelConfig:
     mm_vision_select_feature: str | None = None
     mm_projector_type: str | None = None
     mm_patch_merge_type: str | None = None
+    # round (transformers') | floor (the original's int()): the unpadded feature map's side (docs/FIDELITY.md)
+    mm_unpad_rounding: str | None = None
     image_aspect_ratio: str | None = None
     image_grid_pinpoints: list | None = None
     model_max_length: int | None = None
@@ -81,6 +85,10 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     extra: dict = field(default_factory=dict)  # any LlamaConfig key, passed through (wins over the preset)
+
+    def __post_init__(self) -> None:
+        if self.mm_unpad_rounding is not None:
+            check_unpad_rounding(self.mm_unpad_rounding)
 
 
 def _preset(cfg: ModelConfig) -> dict[str, Any]:
@@ -131,6 +139,7 @@ def build_llava_config(cfg: ModelConfig, vocab_size: int | None = None) -> Llava
         mm_vision_select_feature=mm["mm_vision_select_feature"],
         mm_projector_type=mm["mm_projector_type"],
         mm_patch_merge_type=mm["mm_patch_merge_type"],
+        mm_unpad_rounding=mm["mm_unpad_rounding"],
         image_aspect_ratio=mm["image_aspect_ratio"],
         image_grid_pinpoints=mm["image_grid_pinpoints"],
         tokenizer_model_max_length=mm["model_max_length"],
@@ -175,6 +184,7 @@ def _build_llm(cfg: ModelConfig, config: LlavaConfig) -> LlavaLlamaForCausalLM:
 
 
 _MM_CONFIG_KEYS = (
+    "mm_unpad_rounding",
     "image_aspect_ratio",
     "image_grid_pinpoints",
     "tokenizer_model_max_length",

@@ -162,6 +162,7 @@ class LlavaMetaForCausalLM:
             grid_pinpoints=getattr(config, "image_grid_pinpoints", None),
             crop_size=self.get_vision_tower().image_size,
             newline=getattr(self.get_model(), "image_newline", None),
+            unpad_rounding=config.mm_unpad_rounding,
         )
 
     def _unused_mm_anchor(self) -> torch.Tensor:

@@ -18,12 +18,15 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_train.constants import IGNORE_INDEX
+from llava_train.model.anyres import check_unpad_rounding
 from llava_train.model.llava_arch import LlavaMetaForCausalLM, init_image_newline
 
 
 @dataclass(repr=False)
 class LlavaConfigKeys:
-    """The original LLaVA ``mm_*`` keys plus ``mm_vision_config`` (the tower's config dict), on any LLM config."""
+    """The original LLaVA ``mm_*`` keys plus ``mm_vision_config`` (the tower's config dict) and
+    ``mm_unpad_rounding`` (absent from the original's configs: "round" when a config.json lacks it), on any
+    LLM config."""
 
     mm_vision_tower: str | None = None
     mm_hidden_size: int | None = None
@@ -31,6 +34,7 @@ class LlavaConfigKeys:
     mm_vision_select_feature: str = "patch"
     mm_projector_type: str = "linear"
     mm_patch_merge_type: str = "flat"
+    mm_unpad_rounding: str = "round"  # "floor": the original's int() in unpad_image (docs/FIDELITY.md)
     image_aspect_ratio: str = "square"
     image_grid_pinpoints: list | str | None = None
     tokenizer_model_max_length: int | None = None
@@ -39,6 +43,10 @@ class LlavaConfigKeys:
     mm_use_im_patch_token: bool = False
     use_mm_proj: bool = False
     mm_vision_config: dict | None = None
+
+    def validate_mm_unpad_rounding(self) -> None:
+        """A strict-dataclass class validator: runs when the config is built, loaded or saved."""
+        check_unpad_rounding(self.mm_unpad_rounding)
 
 
 class LlavaForCausalLMMixin(LlavaMetaForCausalLM):

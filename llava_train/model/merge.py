@@ -30,6 +30,7 @@ from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_train.model.anyres import (
     anyres_max_patches,
     anyres_max_shape,
+    check_unpad_rounding,
     get_anyres_image_grid_shape,
     is_anyres,
     unpadded_shape,
@@ -219,12 +220,15 @@ def packed_attention_mask(
 
 
 @functools.lru_cache(maxsize=4096)
-def spatial_token_index(p: int, grid: tuple, unpad: bool, newline: bool) -> torch.Tensor:
+def spatial_token_index(
+    p: int, grid: tuple, unpad: bool, newline: bool, rounding: str = "round"
+) -> torch.Tensor:
     """Source row of every merged token of one image, relative to its first crop's first patch; -1 = newline.
 
     Rows 0..P*P-1 are the base crop, then crop k (row-major over the nh x nw grid) at (k+1)*P*P.
     ``grid`` is (0, 0) for a single-crop image, else (num_h, num_w, (w, h)). ``unpad`` crops the
-    letterbox off the grid's feature map; ``newline`` ends every map row (and a lone base crop) with -1.
+    letterbox off the grid's feature map (``rounding``: the config's ``mm_unpad_rounding``, part of the cache
+    key); ``newline`` ends every map row (and a lone base crop) with -1.
     """
     base = torch.arange(p * p)  # [P*P]
     if not grid[0]:
@@ -234,7 +238,7 @@ def spatial_token_index(p: int, grid: tuple, unpad: bool, newline: bool) -> torc
     cols = torch.arange(num_w * p)[None, :]  # [1, nw*P] feature-map column
     src = p * p + ((rows // p) * num_w + cols // p) * p * p + (rows % p) * p + cols % p  # [nh*P, nw*P]
     if unpad:
-        new_h, new_w = unpadded_shape(num_h * p, num_w * p, size)
+        new_h, new_w = unpadded_shape(num_h * p, num_w * p, size, rounding)
         top, left = (num_h * p - new_h) // 2, (num_w * p - new_w) // 2
         src = src[top : top + new_h, left : left + new_w]  # [H', W']
     if newline:
@@ -252,13 +256,15 @@ def merge_image_crops(
     grid_pinpoints: Any,
     crop_size: int,
     newline: torch.Tensor | None,
+    unpad_rounding: str = "round",
 ) -> list[torch.Tensor]:
     """[sum crops, P*P, h] of all images -> per-image [L_i, h] per ``merge_type``.
 
     flat: the crops' tokens in order (free views of one buffer). spatial / spatial_unpad: the base crop,
     then the grid's feature map row by row (unpadded and, for ``anyres_max_N``, bilinearly downscaled to
-    about N crops; with unpad a ``newline`` token closes every row). All images come out of one gather
-    with a cached index pattern per geometry: the features are copied once.
+    about N crops; with unpad a ``newline`` token closes every row; ``unpad_rounding`` as the config's
+    ``mm_unpad_rounding``). All images come out of one gather with a cached index pattern per geometry:
+    the features are copied once.
     """
     n, pp, h = features.shape  # [sum crops, P*P, h]
     if merge_type == "flat":
@@ -266,6 +272,8 @@ def merge_image_crops(
     if not merge_type.startswith("spatial"):
         raise ValueError(f"unknown mm_patch_merge_type {merge_type!r}; use flat, spatial or spatial_unpad")
     unpad = "unpad" in merge_type
+    if unpad:
+        check_unpad_rounding(unpad_rounding)
     if unpad and newline is None:
         raise ValueError("mm_patch_merge_type has 'unpad' but the model has no image_newline parameter")
     if any(c > 1 for c in crops):
@@ -288,11 +296,11 @@ def merge_image_crops(
                 raise ValueError(f"image {i}: {c - 1} crops but its size {size} needs a {num_w}x{num_h} grid")
             grid = (num_h, num_w, size)
             if max_patches is not None:
-                shape = unpadded_shape(num_h * p, num_w * p, size)
+                shape = unpadded_shape(num_h * p, num_w * p, size, unpad_rounding)
                 target = anyres_max_shape(*shape, max_patches, p)
                 if target != shape:
                     resized[i] = (shape, target)
-        pattern = spatial_token_index(p, grid, unpad, newline=unpad and i not in resized)  # [L_i]
+        pattern = spatial_token_index(p, grid, unpad, unpad and i not in resized, unpad_rounding)  # [L_i]
         index.append(torch.where(pattern < 0, -1, pattern + first * pp))
         lengths.append(len(pattern))
         first += c

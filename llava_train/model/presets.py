@@ -9,10 +9,11 @@ in every preset, so models build offline (and on the meta device). ``family`` na
   ``tiny_qwen2_siglip``: Qwen2 + a tiny SigLIP tower, anyres_max_4 over range pinpoints (OneVision's shape).
 - ``gemma3-270m``: the real Gemma 3 270M (converted from its wheels) with the tiny SigLIP tower.
 - ``llava-v1.5-7b``: Vicuna-7B + CLIP-L/14-336, pad, flat, mlp2x_gelu.
-- ``llava-v1.6-vicuna-7b``: the seed's section-2 table (anyres, spatial_unpad, pinpoints, ...).
+- ``llava-v1.6-vicuna-7b``: the seed's section-2 table (anyres, spatial_unpad, pinpoints, ...), with the
+  original's floor in the unpad (``mm_unpad_rounding``; the tiny presets round, as transformers).
 - ``llava-v1.6-mistral-7b``: Mistral-7B-Instruct-v0.2 + CLIP-L/14-336, as v1.6-vicuna otherwise.
 - ``llava-onevision-qwen2-7b``: Qwen2-7B + SigLIP-so400m/14-384 (last layer dropped), anyres_max_9 over
-  the (1x1)..(6x6) grids, spatial_unpad.
+  the (1x1)..(6x6) grids, spatial_unpad, floor unpad rounding.
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ _QWEN2_7B = dict(
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
-# LLaVA-1.6's multimodal settings (the seed's section-2 table), shared by its Vicuna and Mistral releases
+# LLaVA-1.6's multimodal settings (the seed's section-2 table), shared by its Vicuna and Mistral releases.
+# mm_unpad_rounding "floor": the released checkpoints trained with the original's int() (docs/FIDELITY.md).
 _V16_MM = dict(
     mm_projector_type="mlp2x_gelu",
     mm_patch_merge_type="spatial_unpad",
+    mm_unpad_rounding="floor",
     image_aspect_ratio="anyres",
     image_grid_pinpoints=V16_PINPOINTS,
     mm_vision_select_layer=-2,
@@ -123,6 +126,7 @@ _TINY: dict[str, Any] = dict(
     mm=dict(
         mm_projector_type="mlp2x_gelu",
         mm_patch_merge_type="spatial_unpad",
+        mm_unpad_rounding="round",
         image_aspect_ratio="anyres",
         image_grid_pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
         mm_vision_select_layer=-2,
@@ -207,6 +211,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         mm=dict(
             mm_projector_type="mlp2x_gelu",
             mm_patch_merge_type="flat",
+            mm_unpad_rounding="round",  # no unpad in a flat merge
             image_aspect_ratio="pad",
             image_grid_pinpoints=None,
             mm_vision_select_layer=-2,
@@ -235,6 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         mm=dict(
             mm_projector_type="mlp2x_gelu",
             mm_patch_merge_type="spatial_unpad",
+            mm_unpad_rounding="floor",  # LLaVA-NeXT's int(), as the release trained (docs/FIDELITY.md)
             image_aspect_ratio="anyres_max_9",
             image_grid_pinpoints="(1x1),...,(6x6)",
             mm_vision_select_layer=-2,
