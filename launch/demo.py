@@ -14,8 +14,9 @@
 
 Training runs through launch/train.py in a subprocess (the same command a user runs); the other
 steps are the library calls behind launch/export.py and launch/eval.py, made in this process.
-Every step logs its equivalent command. Outputs: <out>/metrics.json (with `overall`), loss curves
-<out>/stage{1,2}/loss_curve.png, the answers, and every model directory.
+Every step logs its equivalent command. Outputs: <out>/metrics.json (with `overall`), a grid of
+held-out answers <out>/samples.png, loss curves <out>/stage{1,2}/loss_curve.png, the answers, and
+every model directory.
 """
 
 from __future__ import annotations
@@ -29,76 +30,24 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = "mistral"
-TEMPLATE = "vicuna_v1"
+CONF = ROOT / "conf"
 SEED = 0
-# The demo model: the tiny preset reshaped for digits (docs/DEMO_HISTORY.md has the run behind each
-# choice). Every train command repeats the shape on its command line (model_args).
-PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168], [224, 56], [56, 224]]
-DEMO_MODEL = {
-    # A narrow, deeper LLM: 6 layers of width 64 learn composite questions no worse than 4 of 128 and
-    # train faster (docs/DEMO_HISTORY.md, runs K and L).
-    "hidden_size": 64,
-    "intermediate_size": 172,
-    "num_hidden_layers": 6,
-    "image_grid_pinpoints": PINPOINTS,  # + 4x1 / 1x4: every digit of a 4-digit strip is one whole crop
-    "mm_vision_select_layer": -1,  # both layers of the tiny tower (CLIP-L's -2 would leave one)
-    "vision_config": {"patch_size": 28},  # 2x2 tokens per 56-px crop; reads digits better than 4x4
-}
-# The tiny LLM is random: a wider init gives its frozen lm_head / norms logits that can separate the
-# answer tokens under LoRA (at 0.02 the best achievable logit margin is ~2, so the loss stalls near 8).
-BASE_MODEL = {"preset": "tiny", **DEMO_MODEL, "extra": {"initializer_range": 0.1}}
+# The demo model (conf/model/demo.yaml) and its two schedules (conf/schedule/demo_stage{1,2}.yaml): each
+# train command below is `launch/train.py stage=... model=demo schedule=...` plus the paths of this run.
+DEMO = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "demo.yaml"))
+TOKENIZER, TEMPLATE = DEMO["tokenizer"], DEMO["data"]["template"]
 # Step 0b, the tower's stand-in for CLIP pretraining (llava_train/train/tower_pretrain.py).
 TOWER = {"epochs": 80, "lr": 3e-3, "batch_size": 128, "token_loss": 1.0}
-
-# Demo schedule, sized for 2 CPU cores (README "The demo" gives what it reaches). Stage 2 makes 2 passes
-# over 18,000 one-question conversations, sums asked 3x as often (data/build_demo.py defaults): fresh
-# one-question data beats more passes over less, and addition is the slowest skill (DEMO_HISTORY runs M-P).
-STAGE1 = [
-    "training.global_batch_size=32",
-    "training.per_device_batch_size=32",
-    "training.num_train_epochs=2",
-    "training.learning_rate=2e-3",
-    "training.warmup_ratio=0.05",
-]
-STAGE2 = [
-    "training.global_batch_size=16",
-    "training.per_device_batch_size=16",
-    "training.num_train_epochs=2",
-    "training.learning_rate=1e-3",
-    "training.mm_projector_lr=1e-3",
-    "training.warmup_ratio=0.03",
-    "stage.lora.dropout=0.0",
-    "stage.lora.r=32",
-    "stage.lora.alpha=64",
-    # The tiny LLM is random: its vocab rows must train too (LoRA alone stalls at loss ~2.2 here).
-    "stage.lora.train_embeddings=true",
-    "data.bad_record_policy=strict",
-]
-COMMON = [
-    "model=tiny",
-    "training.gradient_checkpointing=false",
-    "training.logging_steps=10",
-    "training.save_steps=100000",  # only the final weights: the demo does not resume
-    "training.overwrite=true",  # every demo call retrains its run dirs from scratch
-    "training.report_to_wandb=false",
-    "stage.tune_vision_tower=false",  # pretrained in step 0b, then frozen as LLaVA freezes CLIP
-]
+# One compute thread per process: the demo's matrices are tiny, and a second OpenMP thread only waits
+# for a core (on a busy 2-core machine a step was 22x slower with two); the second core decodes images
+# in the data loader's worker (the schedules' data.num_workers=1). docs/DEMO_HISTORY.md has the runs.
+THREADS = "1"
 QUICK = ["training.max_steps=3"]  # --quick: a smoke run of every step (tests/test_demo.py)
 
 log = logging.getLogger("demo")
-
-
-def model_args(model: dict = DEMO_MODEL) -> list[str]:
-    """Hydra overrides that give a train command the demo model's shape."""
-    args = []
-    for key, value in model.items():
-        if isinstance(value, dict):  # a new key in a dict node needs "+"
-            args += [f"+model.{key}.{k}={json.dumps(v)}" for k, v in value.items()]
-        else:
-            args.append(f"model.{key}={json.dumps(value).replace(' ', '')}")
-    return args
 
 
 def run(cmd: list[str]) -> None:
@@ -126,7 +75,7 @@ def build_base(out: Path, data: Path, quick: bool, seed: int = SEED) -> dict:
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(TOKENIZER)
-    model = build_model(ModelConfig(**BASE_MODEL), tokenizer)
+    model = build_model(ModelConfig(**DEMO["model"]), tokenizer)
     tower = model.get_vision_tower()
     log.info(
         "0b/6 vision tower pretraining on %s (stands in for CLIP's pretraining)", data / "tower_pairs.json"
@@ -142,16 +91,16 @@ def build_base(out: Path, data: Path, quick: bool, seed: int = SEED) -> dict:
     return report
 
 
-def train(stage: str, data: str, run_dir: Path, model_dir: Path, extra: list[str]) -> None:
+def train(stage: str, schedule: str, data: str, run_dir: Path, model_dir: Path, extra: list[str]) -> None:
     run(
         [
             "launch/train.py",
             f"stage={stage}",
+            "model=demo",
+            f"schedule={schedule}",
             f"data={data}",
             f"model.llm_path={model_dir}",
             f"training.run_dir={run_dir}",
-            *COMMON,
-            *model_args(),
             *extra,
         ]
     )
@@ -170,9 +119,8 @@ def summarise(metrics: dict, out: Path) -> None:
         if metrics.get(key) is not None:  # a group with no questions is absent
             print(f"{key:<16}{metrics[key]:>10.3f}")
     print(f"{'overall':<16}{metrics['overall']['accuracy']:>10.3f}{metrics['overall']['n']:>6}")
-    print(
-        f"\nmetrics: {out / 'metrics.json'}; loss curves: {out}/stage1/loss_curve.png, {out}/stage2/loss_curve.png"
-    )
+    print(f"\nmetrics: {out / 'metrics.json'}; held-out samples: {out / 'samples.png'}")
+    print(f"loss curves: {out}/stage1/loss_curve.png, {out}/stage2/loss_curve.png")
 
 
 def main() -> None:
@@ -184,6 +132,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 steps per stage (smoke test)")
     parser.add_argument("--seed", type=int, default=SEED, help="model init, tower pretraining and training")
     args = parser.parse_args()
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", THREADS
+    )  # before torch is imported; the train commands inherit it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out, data = args.out.resolve(), args.data.resolve()
     run_args = [*(QUICK if args.quick else []), f"training.seed={args.seed}"]
@@ -196,7 +147,7 @@ def main() -> None:
 
     log.info("1/6 stage 1: the projector on caption pairs (LLM and tower frozen)")
     data_args = [f"data.data_path={data / 'stage1.json'}", f"data.image_folder={data / 'images'}"]
-    train("pretrain", "demo_pretrain", out / "stage1", out / "base", [*STAGE1, *data_args, *run_args])
+    train("pretrain", "demo_stage1", "demo_pretrain", out / "stage1", out / "base", [*data_args, *run_args])
 
     from llava_train.eval.run import run_eval
     from llava_train.export import export_hf, merge_lora, merge_pretrain
@@ -210,10 +161,11 @@ def main() -> None:
     projector = f"stage.pretrain_mm_mlp_adapter={out / 'stage1' / 'mm_projector.safetensors'}"
     train(
         "finetune_lora",
+        "demo_stage2",
         "demo",
         out / "stage2",
         out / "stage1_model",
-        [*STAGE2, projector, *data_args, *run_args],
+        [projector, *data_args, *run_args],
     )
 
     log.info("4/6 $ python launch/export.py op=merge model_dir=%s adapter_dir=%s out_dir=%s",
@@ -246,12 +198,21 @@ def main() -> None:
         wall_seconds=round(time.perf_counter() - start, 1),
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    from llava_train.eval.samples import plot_samples
+
+    plot_samples(data / "eval" / "questions.jsonl", out / "answers.jsonl", data / "eval" / "answers.jsonl",
+                 data / "images", out / "samples.png")  # fmt: skip
     summarise(metrics, out)
     print(f"demo wall time {metrics['wall_seconds']:.0f} s")
     hf, first = out / "hf", json.loads((data / "eval" / "questions.jsonl").read_text().splitlines()[0])
     image = data / "images" / first["image"]
-    print(f"chat:   python launch/chat.py model_dir={hf} template={TEMPLATE} image={image}")
-    print(f"serve:  python launch/serve.py model_dir={hf} template={TEMPLATE}   # http://127.0.0.1:8000")
+    print(
+        f"\nask the trained model about a held-out image (then type e.g. {first['text'].splitlines()[0]!r}):"
+    )
+    print(f"  python launch/chat.py model_dir={hf} template={TEMPLATE} image={image}")
+    print(
+        f"  python launch/serve.py model_dir={hf} template={TEMPLATE}   # a web page and an API on http://127.0.0.1:8000"
+    )
 
 
 SINGLE_DIGIT = ("digit", "parity", "compare")

@@ -66,15 +66,3 @@ def test_bench_memory_tiny(bench):
     assert stages == ["pretrain", "finetune_lora", "finetune"]
 
 
-def test_demo_text_probe(bench, monkeypatch):
-    import demo_text_probe
-
-    monkeypatch.setattr(
-        sys, "argv", ["demo_text_probe.py", "--seconds", "1", "--layers", "1", "--batch", "4"]
-    )
-    demo_text_probe.main()
-    result = _read(bench, "demo_text_probe")
-    assert set(result["accuracy"]) == {
-        "count", "grid_position", "leftmost", "read", "rightmost", "single_digit", "sum"
-    }  # fmt: skip
-    assert sum(result["n"].values()) == 300 and result["steps"] >= 1

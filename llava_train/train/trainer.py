@@ -499,8 +499,8 @@ def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 
 def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | None:
-    """Training loss per logged step as a PNG (matplotlib Agg), the held-out ``eval_score`` of the in-training
-    eval marked on a second axis; None when nothing was logged."""
+    """Training loss per logged step as a PNG (matplotlib Agg; log scale while every loss is positive), the
+    held-out ``eval_score`` of the in-training eval marked on a second axis; None when nothing was logged."""
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_score"]) for h in log_history if "eval_score" in h and "step" in h]
     if not points and not evals:
@@ -513,8 +513,10 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | 
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
         ax.plot(*zip(*points), marker=".")
+        if min(loss for _, loss in points) > 0:
+            ax.set_yscale("log")  # the tail, where the loss is near zero, stays readable
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (log scale)" if ax.get_yscale() == "log" else "training loss")
     ax.grid(alpha=0.3)
     if evals:
         scores = ax.twinx()
