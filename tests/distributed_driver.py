@@ -44,23 +44,24 @@ def record_batches(seen: list) -> None:
     DataCollator.__call__ = recording
 
 
-def record_writes(root: Path, written: list) -> None:
+def record_writes(root: Path, written: list, appended: list) -> None:
     """Append to ``written`` the path, relative to ``root``, of every file this process writes under it: Python's
-    open for writing (an audit hook), torch.save and safetensors (both write from C++, unseen by the hook)."""
+    open for writing (an audit hook), torch.save and safetensors (both write from C++, unseen by the hook);
+    to ``appended`` each open of a file for appending (a log, written to many times)."""
     import safetensors.torch
 
     root = str(root.resolve())
     inside = threading.local()  # a torch.save that opens its file in Python counts once
 
-    def add(path) -> None:
+    def add(path, into: list = written) -> None:
         path = os.path.abspath(os.fspath(path))
         if path.startswith(root + os.sep):
-            written.append(os.path.relpath(path, root))
+            into.append(os.path.relpath(path, root))
 
     def hook(event, args):
         writing = event == "open" and isinstance(args[1], str) and set(args[1]) & set("wax+")
         if writing and not getattr(inside, "on", False) and isinstance(args[0], (str, os.PathLike)):
-            add(args[0])
+            add(args[0], appended if "a" in args[1] else written)
 
     def counted(fn):
         def wrapper(obj, path, *a, **k):
@@ -85,7 +86,8 @@ def main() -> None:
     batches: list[list[str]] = []
     record_batches(batches)
     written: list[str] = []
-    record_writes(Path(raw.training.run_dir), written)
+    appended: list[str] = []
+    record_writes(Path(raw.training.run_dir), written, appended)
 
     def record(model) -> None:  # before DeepSpeed's engine exists: sharded only if zero.Init built it
         decoder = [
@@ -114,6 +116,7 @@ def main() -> None:
             None,
         ),
         "written": list(written),
+        "appended": list(appended),
         **built,
     }
     Path(raw.training.run_dir, f"rank{rank}.json").write_text(json.dumps(out))

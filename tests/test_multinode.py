@@ -85,12 +85,12 @@ def data_json(tmp_path_factory) -> Path:
     return make_colour_dataset(tmp_path_factory.mktemp("colours"), n=48)
 
 
-def writers(results: list[dict]) -> dict[str, list[int]]:
+def writers(results: list[dict], key: str = "written") -> dict[str, list[int]]:
     """Path (relative to run_dir, as finalised: staging dir and .tmp names mapped to the final ones) -> the
-    rank of each write of it, in order."""
+    rank of each write of it (``key`` "appended": of each open for appending), in order."""
     found = defaultdict(list)
     for result in results:
-        for path in result["written"]:
+        for path in result[key]:
             path = path.removeprefix(ckpt.STAGING_DIR + os.sep).removesuffix(".tmp")
             if not Path(path).name.startswith(".write_probe."):  # every rank's own writability probe
                 found[path].append(result["rank"])
@@ -131,6 +131,8 @@ def test_two_nodes_train_as_one_node_and_write_each_file_once(data_json, tmp_pat
     # Nothing else either: the final weights, configs and probes too, each by its one writer, once.
     twice = {p: w for p, w in written.items() if w != [owner(p)]}
     assert not twice, twice
+    logs_by_others = {p: w for p, w in writers(two, "appended").items() if set(w) != {owner(p)}}
+    assert not logs_by_others, logs_by_others  # a log (throughput.jsonl) is appended to by its one writer
 
 
 def test_a_lost_node_then_both_resumed_match_an_uninterrupted_run(data_json, tmp_path):
