@@ -157,6 +157,9 @@ class TrainingConfig:
     max_nonfinite_steps: int = 5
     # Before training: fail when run_dir's disk cannot hold one more checkpoint (weights + optimizer state).
     check_disk_space: bool = True
+    # liger-kernel's fused RMSNorm / RoPE / SwiGLU and fused linear cross-entropy (GPU, the `liger` extra;
+    # llava_train/model/liger.py). The loss and gradients equal the plain path's (tests/test_gpu.py).
+    liger_kernel: bool = False
 
 
 @dataclass

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/distributed_driver.py <hydra overrides...>
 
 Runs the launcher's steps and writes <run_dir>/rank<R>.json: the logged losses, the sample ids of every
-micro-batch, and a checksum of every parameter, gathered under ZeRO-3, so the test can check that the ranks
-trained one model on different data.
+micro-batch, a checksum of every parameter, gathered under ZeRO-3, so the test can check that the ranks
+trained one model on different data, and every file this rank wrote under run_dir (who writes what, on one
+node or two: tests/test_multinode.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,11 +44,50 @@ def record_batches(seen: list) -> None:
     DataCollator.__call__ = recording
 
 
+def record_writes(root: Path, written: list, appended: list) -> None:
+    """Append to ``written`` the path, relative to ``root``, of every file this process writes under it: Python's
+    open for writing (an audit hook), torch.save and safetensors (both write from C++, unseen by the hook);
+    to ``appended`` each open of a file for appending (a log, written to many times)."""
+    import safetensors.torch
+
+    root = str(root.resolve())
+    inside = threading.local()  # a torch.save that opens its file in Python counts once
+
+    def add(path, into: list = written) -> None:
+        path = os.path.abspath(os.fspath(path))
+        if path.startswith(root + os.sep):
+            into.append(os.path.relpath(path, root))
+
+    def hook(event, args):
+        writing = event == "open" and isinstance(args[1], str) and set(args[1]) & set("wax+")
+        if writing and not getattr(inside, "on", False) and isinstance(args[0], (str, os.PathLike)):
+            add(args[0], appended if "a" in args[1] else written)
+
+    def counted(fn):
+        def wrapper(obj, path, *a, **k):
+            if isinstance(path, (str, os.PathLike)):
+                add(path)
+            inside.on = True
+            try:
+                return fn(obj, path, *a, **k)
+            finally:
+                inside.on = False
+
+        return wrapper
+
+    sys.addaudithook(hook)
+    torch.save = counted(torch.save)
+    safetensors.torch.serialize_file = counted(safetensors.torch.serialize_file)
+
+
 def main() -> None:
     raw = compose_config(sys.argv[1:])
     built = {}
     batches: list[list[str]] = []
     record_batches(batches)
+    written: list[str] = []
+    appended: list[str] = []
+    record_writes(Path(raw.training.run_dir), written, appended)
 
     def record(model) -> None:  # before DeepSpeed's engine exists: sharded only if zero.Init built it
         decoder = [
@@ -74,6 +115,8 @@ def main() -> None:
             (cb.answered_here for cb in trainer.callback_handler.callbacks if hasattr(cb, "answered_here")),
             None,
         ),
+        "written": list(written),
+        "appended": list(appended),
         **built,
     }
     Path(raw.training.run_dir, f"rank{rank}.json").write_text(json.dumps(out))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_distributed import DRIVER
-from train_utils import make_colour_dataset, tiny_overrides, torchrun
+from train_utils import lora_deepspeed_overrides, make_colour_dataset, torchrun
 
 from llava_train.train import checkpoint as ckpt
 
@@ -56,23 +56,7 @@ def test_signal_under_two_process_deepspeed_then_resume_matches_uninterrupted(tm
     data_json = make_colour_dataset(tmp_path / "colours", n=48)
 
     def overrides(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
-        return [
-            "+stage=finetune_lora",
-            "deepspeed=zero2",
-            "stage.pretrain_mm_mlp_adapter=null",
-            "stage.lora.r=8",
-            *tiny_overrides(
-                data_json,
-                run_dir,
-                learning_rate=2e-3,
-                max_steps=max_steps,
-                save_steps=2,
-                global_batch_size=8,
-                save_total_limit=10,
-            ),
-            "training.per_device_batch_size=2",
-            *extra,
-        ]
+        return lora_deepspeed_overrides(data_json, run_dir, "zero2", max_steps, *extra)
 
     run_dir = tmp_path / "cut"
     proc = _torchrun(overrides(run_dir, 400), tmp_path)

@@ -128,3 +128,49 @@ def test_cuda_batched_generation_matches_cpu(tmp_path, aspect, merge):
     one_by_one = generate_answers(model, tokenizer, processor, questions, **{**kwargs, "batch_size": 1})
     assert [r["text"] for r in on_gpu] == [r["text"] for r in on_cpu] == [r["text"] for r in one_by_one]
     assert all(r["text"] for r in on_gpu)
+
+
+# ---- liger-kernel (training.liger_kernel, the `liger` extra): fused kernels == the plain path ----------------
+LIGER_FAMILIES = [
+    ("tiny", "llama", None),
+    ("tiny_qwen3", "qwen3", None),
+    ("tiny_gemma3", "gemma3", 0.5),
+]  # a cap that bites
+
+
+@pytest.fixture
+def _restore_transformers_modeling():
+    """liger's patch functions replace classes and rotary functions in transformers' modeling modules: put
+    them back, so the models of later tests are plain."""
+    import importlib
+
+    names = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
+    modules = [importlib.import_module(f"transformers.models.{n}.modeling_{n}") for n in names]
+    saved = [dict(vars(m)) for m in modules]
+    yield
+    for module, state in zip(modules, saved):
+        vars(module).update(state)
+
+
+@pytest.mark.parametrize("preset,family,softcap", LIGER_FAMILIES)
+def test_liger_kernels_match_the_plain_path(_restore_transformers_modeling, preset, family, softcap):
+    pytest.importorskip("liger_kernel", reason="the liger extra: pip install -e '.[liger]'")
+    from llava_train.model.liger import apply_liger, check_liger
+
+    check_liger()
+    model = _model("anyres", "spatial_unpad", preset=preset).cuda().train()
+    model.config.final_logit_softcapping = softcap  # Gemma 3's softcap goes through liger's fused loss
+    samples = _samples(model, [1, 0, 2, 1])
+    n = _supervised(samples)
+    batch = _to(DataCollator(0)(samples), "cuda")
+    loss_ref, grads_ref = _loss_and_grads(model, batch, n)  # plain: before liger patches anything
+    apply_liger(model, family)
+    decoder = model.get_model()
+    patched = [decoder.norm.forward, decoder.layers[0].mlp.forward, decoder.layers[0].input_layernorm.forward]
+    assert all("liger" in f.__func__.__module__ for f in patched), [f.__func__.__module__ for f in patched]
+    assert model.fused_linear_cross_entropy is not None
+    loss, grads = _loss_and_grads(model, batch, n)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -66,6 +66,30 @@ def tiny_overrides(data_json: Path, run_dir: Path, **training) -> list[str]:
     ]
 
 
+def lora_deepspeed_overrides(
+    data_json: Path, run_dir: Path, zero: str, max_steps: int, *extra: str
+) -> list[str]:
+    """LoRA under DeepSpeed ``zero`` on two ranks: global batch 8 (2 ranks x 2 x accumulation 2), a checkpoint
+    every 2 steps, all kept (the distributed fault and multi-node tests)."""
+    return [
+        "+stage=finetune_lora",
+        f"deepspeed={zero}",
+        "stage.pretrain_mm_mlp_adapter=null",
+        "stage.lora.r=8",
+        *tiny_overrides(
+            data_json,
+            run_dir,
+            learning_rate=2e-3,
+            max_steps=max_steps,
+            save_steps=2,
+            global_batch_size=8,
+            save_total_limit=10,
+        ),
+        "training.per_device_batch_size=2",
+        *extra,
+    ]
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -53,6 +53,8 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
     """The image-aware causal LM. A family class sets ``base_model_class`` (its ``LlavaMetaModel``)."""
 
     base_model_class: type
+    # liger's fused linear cross-entropy (model/liger.py, training.liger_kernel); None: lm_head, then F.cross_entropy
+    fused_linear_cross_entropy: Any = None
 
     def __init__(self, config: Any) -> None:
         # The family's own __init__ would build a plain decoder first: build ours instead, as it does.
@@ -152,14 +154,21 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
         most positions (image features, prompts, padding) are IGNORE_INDEX, and the vocab projection
         of those rows was most of a small model's step. ``num_items_in_batch`` (supervised tokens
         across gradient accumulation) is the divisor when given; an all-ignored batch gives loss 0.
+        With liger's fused linear cross-entropy (model/liger.py) the same sum, from chunks of the logits.
         """
         targets = labels[:, 1:].to(hidden.device)  # [b, T-1] the token each position predicts
         keep = targets != IGNORE_INDEX  # [b, T-1]
-        logits = self.lm_head(hidden[:, :-1][keep]).float()  # [n_sup, V]
+        supervised = hidden[:, :-1][keep]  # [n_sup, d]
         cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma: as its own forward does
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        if self.fused_linear_cross_entropy is not None:
+            loss = self.fused_linear_cross_entropy(
+                supervised, self.lm_head.weight, targets[keep], reduction="sum", softcap=cap or None
+            )
+        else:
+            logits = self.lm_head(supervised).float()  # [n_sup, V]
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            loss = F.cross_entropy(logits, targets[keep], reduction="sum")
         denom = keep.sum() if num_items_in_batch is None else num_items_in_batch
         return loss / torch.as_tensor(denom, device=loss.device).clamp(min=1)
 

@@ -17,6 +17,12 @@ a kill or a lost page cache during save), is partial: `latest_complete_checkpoin
 The hashes are checked only for the checkpoint a resume loads (`verify_checkpoint`): a same-size corruption
 is refused there, naming the file. Markers written before the manifest existed (no "files" key) or before it
 held hashes (sizes only) are accepted as complete, their contents unchecked.
+
+Who writes what (one node or several): global rank 0 writes the shared files (weights of the stage, configs,
+tokenizer, trainer_state.json, scheduler.pt, the fault state, `COMPLETE`); every rank writes its own shards
+(rng_state_<rank>.pth, DeepSpeed's per-rank optimizer and ZeRO-3 model states) into the same staging
+directory. So run_dir must be one directory every node sees: `check_run_dir_shared` refuses a run whose
+nodes each have their own (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -43,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 STAGING_DIR = ".staging"
+SHARED_PROBE = ".shared_run_dir_probe"  # rank 0 writes it; every rank must read it back
 _CKPT_RE = re.compile(r"checkpoint-(\d+)")
 
 
@@ -125,6 +134,50 @@ def rotate_checkpoints(run_dir: str | os.PathLike, keep: int | None) -> None:
     complete, _ = checkpoints(run_dir)
     for p in complete[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def check_run_dir_shared(run_dir: str | os.PathLike, probe_wait_s: float = 5.0) -> None:
+    """Refuse a multi-process run whose ranks do not all see one run_dir (collective: every rank calls it).
+
+    Global rank 0 writes a random token to `run_dir/.shared_run_dir_probe`; every rank reads it back, waiting
+    up to `probe_wait_s` (a network file system may show a new file late). A node with its own local run_dir
+    would get only its ranks' shards and no `COMPLETE` marker, and could not resume: every rank raises the
+    same error, naming the ranks and hosts that saw another directory, before anything trains.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    probe = Path(run_dir) / SHARED_PROBE
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        tmp = probe.with_name(probe.name + ".tmp")
+        tmp.write_text(token[0])
+        os.replace(tmp, probe)
+    dist.broadcast_object_list(token, src=0)
+    deadline = time.monotonic() + probe_wait_s
+    while not (seen := _read_probe(probe) == token[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise RuntimeError(
+            f"training.run_dir={run_dir} is not shared between the nodes: {', '.join(blind)} cannot see the "
+            f"file {SHARED_PROBE} that rank 0 on {views[0][1]} wrote there. Every rank writes its checkpoint "
+            "shards into run_dir and rank 0 marks the checkpoint complete, so with one run_dir per node no "
+            "checkpoint could be resumed. Put training.run_dir on a file system every node mounts (NFS, "
+            "Lustre, a cloud file share) at the same path."
+        )
+
+
+def _read_probe(probe: Path) -> str | None:
+    try:
+        return probe.read_text()
+    except OSError:
+        return None
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@
                    files parse), resolved config.yaml (rank 0)
 2 build_tokenizer  llava_train.data.load_tokenizer(cfg.tokenizer)
 3 build_model      llava_train.model.build_model(cfg.model, tokenizer) (+ run_dir/base_model: a random LLM
-                   under LoRA)
+                   under LoRA; + liger's kernels when training.liger_kernel)
 4 apply_stage      llava_train.train.stages.apply_stage(model, cfg.stage)
 5 build_data       dataset + collator, with the model's image geometry (VisionSpec.from_model)
 6 build_trainer    TrainingArguments + LlavaTrainer (+ the in-training eval callback of eval=vqa)
@@ -136,6 +136,10 @@ def build_model(cfg: Config, tokenizer: Any) -> Any:
     its part of the LLM from the start instead of a full copy, as the original's from_pretrained did."""
     from llava_train.model import build_model as _build
 
+    if cfg.training.liger_kernel:  # before building: no CUDA, no liger-kernel or ZeRO-3 fails now
+        from llava_train.model.liger import check_liger
+
+        check_liger(zero3=is_zero3(cfg))
     # TrainingArguments with a ZeRO-3 config set transformers' ZeRO-3 flag while they live: from_pretrained
     # and _from_config then build under zero.Init. The Trainer gets its own arguments later.
     zero3_flag = build_training_args(cfg) if is_zero3(cfg) else None
@@ -147,6 +151,14 @@ def build_model(cfg: Config, tokenizer: Any) -> Any:
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     model = _build(cfg.model, tokenizer)
     del zero3_flag
+    if cfg.training.liger_kernel:
+        from llava_train.model.families import family_of
+        from llava_train.model.liger import apply_liger
+
+        apply_liger(model, family_of(model.config))
+        logger.info(
+            "liger kernels on the %s decoder, liger's fused linear cross-entropy", family_of(model.config)
+        )
     if not is_zero3(cfg):  # a sharded random base cannot be saved whole here (docs/RELIABILITY.md)
         save_random_base(cfg, model, tokenizer)
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)

@@ -6,7 +6,8 @@ What the subclass changes, and only that:
 - the train sampler: the data package's (modality-)length grouping when `data.group_by_modality_length`
   or `data.group_by_length`;
 - `num_items_in_batch`: supervised tokens counted the way the model's loss counts them (below);
-- what a checkpoint holds per stage (llava_train/train/checkpoint.py), written atomically;
+- what a checkpoint holds per stage (llava_train/train/checkpoint.py), written atomically, into a run dir
+  that every node must share (checked at construction);
 - resume without DeepSpeed for the projector-only and LoRA checkpoints;
 - the train loader under token budgets (data.max_tokens_per_batch): variable-size micro-batches from
   data.sampler.TokenBudgetBatchSampler, accumulation derived from training.global_batch_tokens;
@@ -207,6 +208,7 @@ class LlavaTrainer(Trainer):
             kwargs["data_collator"] = faults.CountingCollator(kwargs["data_collator"], dataset)
         super().__init__(*args, **kwargs)
         self.add_callback(self.graceful_stop)
+        ckpt.check_run_dir_shared(self.args.output_dir)  # the process group is up now; fail before any step
 
     # ---- training loop: fault state, signal handlers -----------------------------------------
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
