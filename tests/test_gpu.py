@@ -7,6 +7,8 @@ Skipped on a machine without CUDA. The 1.4B throughput / ZeRO check is ``benchma
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,47 @@ def test_cuda_packed_equals_unpacked(aspect, merge):
     loss, grads = _loss_and_grads(model, _to(PackingCollator(0)([samples[:3], samples[3:]]), "cuda"), n)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     _grads_close(grads, {k: v.cpu() for k, v in grads_ref.items()})
+
+
+def _pair(attn: str, preset: str) -> tuple:
+    """(sdpa model, ``attn`` model with its weights, both on CUDA), samples, supervised count."""
+    ref = _model("pad", "flat", "sdpa", preset).cuda()
+    model = _model("pad", "flat", attn, preset)
+    model.load_state_dict(ref.state_dict())
+    samples = _samples(ref, [1, 0, 2, 1, 0])
+    n = _supervised(samples)
+    for s in samples:  # unpacked: token 0's label is never a target either
+        s["labels"][0] = IGNORE_INDEX
+    return ref, model.cuda(), samples, n
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_gemma3"])  # Gemma 3: sliding-window BlockMask too
+def test_cuda_packed_flex_equals_unpacked_sdpa(preset):
+    """The document-causal BlockMask (packed rows, flex_attention) gives the unpacked sdpa loss and grads."""
+    ref, flex, samples, n = _pair("flex_attention", preset)
+    loss_ref, grads_ref = _loss_and_grads(ref, _to(DataCollator(0)(samples), "cuda"), n)
+    loss, grads = _loss_and_grads(flex, _to(PackingCollator(0)([samples[:3], samples[3:]]), "cuda"), n)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    _grads_close(grads, {k: v.cpu() for k, v in grads_ref.items()})
+    loss_unpacked, _ = _loss_and_grads(flex, _to(DataCollator(0)(samples), "cuda"), n)  # still works
+    torch.testing.assert_close(loss_unpacked, loss_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
+@pytest.mark.parametrize("preset", ["tiny", "tiny_mistral"])
+def test_cuda_packed_flash_equals_unpacked_sdpa(preset):
+    """flash_attention_2 varlen (no mask, restarting position ids) under bf16 autocast == unpacked sdpa."""
+    ref, flash, samples, n = _pair("flash_attention_2", preset)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # flash-attn computes in bf16 / fp16 only
+        loss_ref, grads_ref = _loss_and_grads(ref, _to(DataCollator(0)(samples), "cuda"), n)
+        loss, grads = _loss_and_grads(flash, _to(PackingCollator(0)([samples[:3], samples[3:]]), "cuda"), n)
+        loss_unpacked, _ = _loss_and_grads(flash, _to(DataCollator(0)(samples), "cuda"), n)
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(loss_unpacked, loss_ref, rtol=2e-2, atol=1e-3)
+    assert grads.keys() == grads_ref.keys()
+    for name, ref_grad in grads_ref.items():  # bf16 rounding: compare each gradient as a whole
+        error = (grads[name] - ref_grad).norm() / ref_grad.norm().clamp(min=1e-8)
+        assert error < 5e-2, (name, float(error))
 
 
 def test_cuda_bf16_steps_are_finite_and_learn():

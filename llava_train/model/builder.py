@@ -10,6 +10,7 @@ the tower is random from the preset's CLIP config, or pretrained when ``vision_t
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -48,6 +49,46 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+# attn_implementation -> (module providing its kernel, how to install it); None: torch itself
+_ATTENTION = {
+    "sdpa": None,
+    "eager": None,
+    "flex_attention": None,
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash_attn_interface", "build hopper/ of the flash-attention repo"),
+}
+
+
+def check_attn_implementation(name: str) -> None:
+    """Raise a ValueError naming the fix when ``name`` is unknown or cannot run here.
+
+    Packed rows take a [b, 1, T, T] mask under sdpa / eager, a document-causal BlockMask under
+    flex_attention (torch >= 2.5; no CPU backward) and none under flash-attention (varlen from the
+    restarting position ids; needs the package and CUDA).
+    """
+    if name not in _ATTENTION:
+        raise ValueError(f"model.attn_implementation={name!r}; use one of {sorted(_ATTENTION)}")
+    if name == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise ValueError(
+            f"model.attn_implementation=flex_attention needs torch >= 2.5 (this is {torch.__version__}): "
+            "upgrade torch, or use model.attn_implementation=sdpa"
+        )
+    if _ATTENTION[name] is None:
+        return
+    module, install = _ATTENTION[name]
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(
+            f"model.attn_implementation={name} needs the {module} package, which is not installed: "
+            f"install it on a CUDA machine ({install}), or use model.attn_implementation=sdpa "
+            "(or flex_attention on CUDA)"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"model.attn_implementation={name} needs a CUDA GPU and none is visible: run on a GPU, or use "
+            "model.attn_implementation=sdpa on CPU"
+        )
 
 
 @dataclass
@@ -197,6 +238,7 @@ _MM_CONFIG_KEYS = (
 def build_model(cfg: ModelConfig, tokenizer: Any = None) -> LlavaLlamaForCausalLM:
     """LLM, then vision modules, then the image tokens of ``tokenizer`` (vocab resized to fit it)."""
     parse_dtype(cfg.dtype)  # fail before anything is built
+    check_attn_implementation(cfg.attn_implementation)
     vocab = len(tokenizer) if tokenizer is not None else None
     config = build_llava_config(cfg, vocab_size=vocab)
     model = _build_llm(cfg, config)

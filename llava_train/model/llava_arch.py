@@ -200,8 +200,10 @@ class LlavaMetaForCausalLM:
         when they came in None (original convention); the mask keeps its dtype.
 
         Packed rows (``seq_ids`` [b, s], data/packing.py): position ids restart at every sample and the
-        attention mask is :func:`packed_attention_mask` (4D block-diagonal causal for sdpa / eager).
+        attention mask is :func:`packed_attention_mask` (4D block-diagonal causal for sdpa / eager, a
+        document-causal BlockMask for flex_attention, None for flash-attention varlen).
         """
+        self._check_attention_device(input_ids.device)
         if seq_ids is not None:
             return self._prepare_packed(input_ids, past_key_values, labels, images, image_sizes, seq_ids)
         tower = self.get_vision_tower()
@@ -273,9 +275,20 @@ class LlavaMetaForCausalLM:
         mask = self._packed_mask(new_seq, embeds.dtype)  # [b, 1, T, T], one per layer type, or None
         return None, position_ids, mask, past_key_values, embeds, None if labels is None else new_labels
 
+    def _check_attention_device(self, device: torch.device) -> None:
+        """FlexAttention has a CPU forward but no CPU backward: say so before torch's kernel check does."""
+        attn = getattr(self.config, "_attn_implementation", None)
+        if attn == "flex_attention" and device.type == "cpu" and torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"attn_implementation=flex_attention cannot train on CPU (torch {torch.__version__} has no "
+                "CPU backward for FlexAttention): train on CUDA, or use model.attn_implementation=sdpa on "
+                "CPU (packed rows get a block-diagonal mask); flex on CPU works under torch.no_grad()"
+            )
+
     def _packed_mask(self, seq_ids: torch.Tensor, dtype: torch.dtype) -> Any:
         """:func:`packed_attention_mask` for this decoder: windowed for sliding-window layers (Mistral's
-        ``sliding_window``), and a {layer type: mask} mapping for decoders that mix layer types (Gemma 3)."""
+        ``sliding_window``), and a {layer type: mask} mapping for decoders that mix layer types (Gemma 3).
+        A [b, 1, T, T] tensor (sdpa / eager), a BlockMask (flex_attention) or None (flash-attention)."""
         config = self.config
         attn = getattr(config, "_attn_implementation", None) or "sdpa"
         window = getattr(config, "sliding_window", None)

@@ -195,10 +195,14 @@ def packed_attention_mask(
     """The mask the decoder needs for packed rows, per attention implementation.
 
     sdpa: [b, 1, T, T] bool, True = attend (causal and same sample; padding attends to padding only,
-    so no row is fully masked). eager: the same as an additive float mask. flash_attention_* and
+    so no row is fully masked). eager: the same as an additive float mask. flex_attention: a
+    :class:`~torch.nn.attention.flex_attention.BlockMask` of the same rule (:func:`packed_block_mask`):
+    no [T, T] tensor reaches the kernel, and blocks of other samples are skipped. flash_attention_* and
     others: None, the packing is read from the restarting position ids (varlen kernels).
     ``sliding_window`` W: a key at most W - 1 tokens back, as transformers' sliding-window layers see.
     """
+    if attn_implementation == "flex_attention":
+        return packed_block_mask(seq_ids, sliding_window)
     if attn_implementation not in ("sdpa", "eager"):
         return None
     t = seq_ids.shape[1]
@@ -212,6 +216,27 @@ def packed_attention_mask(
     return torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+def document_causal_mask_mod(seq_ids: torch.Tensor, sliding_window: int | None = None) -> Any:
+    """FlexAttention ``mask_mod(b, h, q, kv)``: same packed sample, causal, within the window if any."""
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        allowed = (seq_ids[b, q] == seq_ids[b, kv]) & (q >= kv)
+        if sliding_window:
+            allowed = allowed & (q - kv < sliding_window)
+        return allowed
+
+    return mask_mod
+
+
+def packed_block_mask(seq_ids: torch.Tensor, sliding_window: int | None = None) -> Any:
+    """[b, T] sample ids -> the document-causal BlockMask ([b, 1, T, T] in 128-token blocks) for flex."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, t = seq_ids.shape
+    mask_mod = document_causal_mask_mod(seq_ids, sliding_window)
+    return create_block_mask(mask_mod, b, None, t, t, device=seq_ids.device)
 
 
 # ----------------------------------------------------------------------------------------------
