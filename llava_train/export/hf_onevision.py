@@ -79,8 +79,25 @@ def onevision_image_processor(model: Any) -> Any:
     )
 
 
+def onevision_video_processor(model: Any) -> Any:
+    """LlavaOnevisionVideoProcessor with the image processor's size and mean / std (needs torchvision).
+
+    Our model takes no video; the processor object cannot be built without one.
+    """
+    from transformers import LlavaOnevisionVideoProcessor
+
+    image = onevision_image_processor(model)
+    side = model.get_vision_tower().image_size
+    return LlavaOnevisionVideoProcessor(
+        size={"height": side, "width": side},
+        image_mean=image.image_mean,
+        image_std=image.image_std,
+        resample=3,
+    )
+
+
 def onevision_processor(model: Any, tokenizer: Any, chat_template: str | None = None) -> Any:
-    """LlavaOnevisionProcessor around the image processor and the ``<image>`` tokenizer (no video)."""
+    """LlavaOnevisionProcessor around the image processor and the ``<image>`` tokenizer (needs torchvision)."""
     from transformers import LlavaOnevisionProcessor
 
     tower = model.get_vision_tower()
@@ -88,6 +105,7 @@ def onevision_processor(model: Any, tokenizer: Any, chat_template: str | None = 
     return LlavaOnevisionProcessor(
         image_processor=onevision_image_processor(model),
         tokenizer=tokenizer,
+        video_processor=onevision_video_processor(model),
         num_image_tokens=tower.num_patches + int(tower.has_cls_token),  # per crop, CLS counted
         vision_feature_select_strategy=strategy,
         image_token=DEFAULT_IMAGE_TOKEN,
@@ -142,8 +160,8 @@ def save_processor(model: Any, tokenizer: Any, out: Path, chat_template: str | N
     """Write the LlavaOnevisionProcessor files to ``out``.
 
     The processor object needs a video processor, and transformers' video processors need torchvision;
-    without it the same files (image processor, tokenizer, processor_config.json) are written directly,
-    and ``AutoProcessor`` reads them wherever torchvision is installed.
+    without it ``write_processor_files`` writes the same files, which ``AutoProcessor`` reads wherever
+    torchvision is installed (``tests/test_export_autoprocessor.py``).
     """
     if importlib.util.find_spec("torchvision") is not None:
         onevision_processor(model, tokenizer, chat_template).save_pretrained(out)
@@ -151,6 +169,11 @@ def save_processor(model: Any, tokenizer: Any, out: Path, chat_template: str | N
     logger.warning(
         "torchvision is not installed: writing the LlavaOnevisionProcessor files without its object"
     )
+    write_processor_files(model, tokenizer, out, chat_template)
+
+
+def write_processor_files(model: Any, tokenizer: Any, out: Path, chat_template: str | None = None) -> None:
+    """The LlavaOnevisionProcessor files without the processor object (no video processor, no torchvision)."""
     onevision_image_processor(model).save_pretrained(out)
     tokenizer.save_pretrained(out)
     tower = model.get_vision_tower()
