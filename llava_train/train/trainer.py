@@ -313,10 +313,12 @@ class LlavaTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
             return self.optimizer
+        groups = optimizer_groups(self.model if model is None else model, self.llava_cfg)
         self.optimizer = torch.optim.AdamW(
-            optimizer_groups(self.model if model is None else model, self.llava_cfg),
+            groups,
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
+            fused=_can_fuse(groups),
         )
         # Under DeepSpeed this AdamW is ZeRO's inner optimizer: skipping it leaves the master weights unchanged.
         self.nonfinite.guard_optimizer(self.optimizer)
@@ -498,6 +500,14 @@ def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
     # The base-LR groups first: the Trainer logs the first group's learning rate.
     order = sorted(groups, key=lambda k: k[0] != t.learning_rate)
     return [{"params": groups[k], "lr": k[0], "weight_decay": k[1]} for k in order]
+
+
+def _can_fuse(groups: list[dict]) -> bool:
+    """AdamW's fused kernel (one pass over all parameters) where torch has it: every parameter a floating
+    CPU or CUDA tensor. On CPU torch otherwise loops over the tensors one by one; for the demo's 4.3M
+    trainable parameters a step took 29 ms unfused, 7.7 ms fused (docs/DEMO_HISTORY.md)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | None:
