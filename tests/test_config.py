@@ -23,7 +23,7 @@ from llava_train.config import (
     to_typed,
 )
 
-GROUPS = ["stage", "model", "data", "deepspeed", "fsdp", "eval"]
+GROUPS = ["stage", "model", "data", "deepspeed", "fsdp", "eval", "schedule"]
 
 
 def _choices(group: str) -> list[str]:
