@@ -66,5 +66,3 @@ def test_bench_memory_tiny(bench):
     bench_memory.main(steps=1, models=("tiny",))
     stages = [r["stage"] for r in _read(bench, "memory")["results"]]
     assert stages == ["pretrain", "finetune_lora", "finetune"]
-
-
