@@ -108,6 +108,7 @@ def main() -> None:
         "rank": rank,
         "world_size": trainer.args.world_size,
         "losses": logged_losses(trainer),
+        "grad_norms": {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h},
         "checksum": checksum(trainer.model),
         "batches": batches,
         "eval_logs": [h for h in trainer.state.log_history if "eval_score" in h],  # eval=vqa runs only

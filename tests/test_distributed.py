@@ -168,3 +168,54 @@ def test_zero3_lora_in_bf16(data_json, tmp_path):
     assert (
         len(losses) == 2 and all(math.isfinite(v) for v in losses.values()) and losses == ranks[1]["losses"]
     )
+
+
+def test_token_budget_loss_is_normalised_across_ranks(tmp_path):
+    """Two ranks, each accumulating two token-budget micro-batches of different supervised-token counts: the
+    step's gradient is that of one batch of all four micro-batches' samples, the mean over all their tokens
+    (num_items_in_batch summed over accumulation and ranks), checked through its norm."""
+    import torch
+    from test_token_budget import _plain, _varied_answers
+    from train_utils import compose_config
+    from transformers import set_seed
+
+    from llava_train.config import to_typed
+    from llava_train.train import steps
+    from llava_train.train.stages import apply_stage
+    from llava_train.train.trainer import count_supervised_tokens
+
+    data = _varied_answers(make_colour_dataset(tmp_path / "d", n=32))
+    run_dir = tmp_path / "run"
+    overrides = [
+        "+stage=finetune",
+        "model=tiny",
+        "deepspeed=zero2",
+        "stage.pretrain_mm_mlp_adapter=null",
+        *tiny_overrides(data, run_dir, max_steps=1, save_steps=100, max_grad_norm=1e9),
+        "data.max_tokens_per_batch=400",
+        "training.global_batch_tokens=1600",  # 2 ranks x 2 micro-batches x 400
+        "training.logging_steps=1",
+        "data.num_workers=0",  # the driver records each micro-batch's samples where the collator runs
+    ]
+    ranks = _torchrun(overrides, tmp_path)
+    assert ranks[0]["world_size"] == 2 and ranks[0]["grad_norms"] == ranks[1]["grad_norms"]
+    logged = ranks[0]["grad_norms"]["1"]
+
+    raw = compose_config([o.lstrip("+") for o in overrides] + [f"training.run_dir={tmp_path / 'ref'}"])
+    cfg = to_typed(raw)
+    steps.setup_run(cfg, raw)  # seeds as the ranks' setup_run did
+    tokenizer = steps.build_tokenizer(cfg)
+    set_seed(cfg.training.seed)
+    model = apply_stage(steps.build_model(cfg, tokenizer), cfg.stage).train()
+    dataset, _ = steps.build_data(cfg, tokenizer, model)
+    by_id = {dataset[i]["sample_id"]: i for i in range(len(dataset))}
+    micro = [[dataset[by_id[s]] for s in r["batches"][k]] for r in ranks for k in (0, 1)]
+    counts = [int(count_supervised_tokens(b["labels"], b["attention_mask"])) for b in map(_plain, micro)]
+    assert len(set(counts)) > 1, "equal micro-batches cannot tell a token mean from a mean of means"
+    batch = _plain([s for m in micro for s in m])
+    batch.pop("sample_ids")
+    model(**batch).loss.backward()  # mean CE over every supervised token of the step's four micro-batches
+    norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+    )
+    assert logged == pytest.approx(float(norm), rel=1e-4), (logged, float(norm), counts)

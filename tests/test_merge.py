@@ -164,3 +164,37 @@ def test_every_multimodal_module_runs_without_images(model):
     with torch.no_grad():
         plain = model(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(loss.detach(), plain)
+
+
+def _grad_ready_order(model, **inputs) -> list[str]:
+    """The trainable parameters in the order backward makes their gradients ready (ZeRO-2 fills its
+    reduction buckets in this order, so ranks must agree on it)."""
+    order: list[str] = []
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda _, n=n: order.append(n))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    ]
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(**inputs).loss.backward()
+    model.eval()
+    for h in hooks:
+        h.remove()
+    return order
+
+
+def test_gradients_are_ready_in_the_same_order_with_and_without_images(model):
+    model.config.image_aspect_ratio, model.config.mm_patch_merge_type = "anyres", "spatial_unpad"
+    text = torch.tensor([[1, 5, 6, 7]])
+    with_image = torch.tensor([[1, IMAGE_TOKEN_INDEX, 6, 7]])
+    image = dict(images=[torch.randn(3, 3, 56, 56)], image_sizes=[(112, 56)])
+    for ids, extra in ((text, {}), (with_image, image)):
+        order = _grad_ready_order(model, input_ids=ids, labels=ids.clamp(min=0), **extra)
+        if not extra:
+            without = order
+    assert set(without) == set(order)
+    embed = next(n for n in order if "embed_tokens" in n)
+    mm = [n for n in order if "mm_projector" in n or "vision_tower" in n or "image_newline" in n]
+    assert all(without.index(embed) < without.index(n) for n in mm), without
+    assert all(order.index(embed) < order.index(n) for n in mm), order

@@ -170,7 +170,10 @@ class LlavaMetaForCausalLM:
 
         Every multimodal module still runs: DDP needs each trainable parameter (a tuned tower's too) in
         the graph, and ZeRO-3 needs every rank to gather the same parameters, images or not (the original
-        feeds a blank image to text-only samples for the same reason).
+        feeds a blank image to text-only samples for the same reason). Built before the text embedding, as
+        image features are: backward runs later-built nodes first, so the gradients become ready in the same
+        order as on an image batch, and ZeRO-2's gradient buckets (filled in that order) match across ranks
+        whose micro-batches differ in modality.
         """
         model = self.get_model()
         tower = model.get_vision_tower()
@@ -212,7 +215,10 @@ class LlavaMetaForCausalLM:
         if images is None:
             if not torch.is_grad_enabled():
                 return input_ids, position_ids, attention_mask, past_key_values, None, labels
-            embeds = self.get_model().embed_tokens(input_ids) + self._unused_mm_anchor()  # [b, s, h]
+            anchor = (
+                self._unused_mm_anchor()
+            )  # before the embedding, as image features are: see its docstring
+            embeds = self.get_model().embed_tokens(input_ids) + anchor  # [b, s, h]
             return None, position_ids, attention_mask, past_key_values, embeds, labels
 
         keep = (
@@ -244,10 +250,13 @@ class LlavaMetaForCausalLM:
         used = select_used_images(is_image.sum(1), len(features))
         if used is not None:
             features = [features[i] for i in used.tolist()]
+        anchor = None
+        if not features and torch.is_grad_enabled() and self.get_vision_tower() is not None:
+            anchor = self._unused_mm_anchor()  # before the embedding, as image features are
         text_ids = input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0)  # [b, s]
         text_embeds = self.get_model().embed_tokens(text_ids)  # [b, s, h]
-        if not features and torch.is_grad_enabled() and self.get_vision_tower() is not None:
-            text_embeds = text_embeds + self._unused_mm_anchor()
+        if anchor is not None:
+            text_embeds = text_embeds + anchor
         max_length = getattr(self.config, "tokenizer_model_max_length", None)
         return merge_text_and_images(
             text_embeds, input_ids, keep, labels, features, max_length, padding_side, seq_ids
