@@ -181,7 +181,7 @@ def test_deepspeed_json_files(name):
 
 
 def test_fsdp_on_cpu_is_refused():
-    from llava_train.train.trainer import build_training_args
+    from llava_train.train.args import build_training_args
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: FSDP is allowed")
@@ -206,7 +206,7 @@ def test_fsdp_config_equals_transformers_reading_of_the_legacy_string(tmp_path, 
     from transformers import TrainingArguments
 
     from llava_train.config import FsdpConfig
-    from llava_train.train.trainer import fsdp_config
+    from llava_train.train.args import fsdp_config
 
     fsdp = FsdpConfig(enabled=True, sharding=sharding, cpu_offload=offload)
     ours = TrainingArguments(

@@ -11,6 +11,7 @@ from train_utils import compose_config, make_colour_dataset, run_steps, tiny_ove
 
 from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_train.train import flops as fl
+from llava_train.train import throughput as tp
 
 # A decoder: 2 layers, hidden 8, 2 query heads and 1 kv head of width 4, MLP 12, vocab 10.
 LLM = fl.LlmShape(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=12, vocab=10)
@@ -181,7 +182,7 @@ def test_training_run_logs_and_writes_throughput(tmp_path):
     )
     trainer, _, _ = run_steps(raw)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    rows = [json.loads(line) for line in (tmp_path / "run" / fl.THROUGHPUT_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / tp.THROUGHPUT_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == [h["step"] for h in logs] == [1, 2]
     for row, log in zip(rows, logs):
         for key in ("tokens_per_second", "tflops", "mfu", "hfu"):

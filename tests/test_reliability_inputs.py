@@ -174,7 +174,7 @@ def test_the_json_cache_sees_a_same_size_edit_that_kept_the_mtime(data_json, tmp
 
 # ---- 15. WANDB_MODE set but empty ------------------------------------------------------------------------
 def test_an_empty_wandb_mode_means_unset_and_a_wrong_one_is_refused(data_json, tmp_path, monkeypatch):
-    from llava_train.train.trainer import build_training_args
+    from llava_train.train.args import build_training_args
 
     cfg = to_typed(compose_config(_overrides(data_json, tmp_path, "training.wandb_mode=disabled")))
     monkeypatch.setenv("WANDB_MODE", "")

@@ -26,7 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from llava_train.config import Config, LlmTuning, StageName
 from llava_train.train import checkpoint as ckpt
 from llava_train.train import faults
-from llava_train.train.trainer import LlavaTrainer, build_training_args, plot_loss_curve
+from llava_train.train.args import build_training_args
+from llava_train.train.plots import plot_loss_curve
+from llava_train.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
 

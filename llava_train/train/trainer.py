@@ -1,4 +1,4 @@
-"""A thin `transformers.Trainer` subclass for LLaVA, and its TrainingArguments.
+"""A thin `transformers.Trainer` subclass for LLaVA (its TrainingArguments: train/args.py).
 
 What the subclass changes, and only that:
 - optimizer parameter groups: no weight decay on biases / norms / 1-D params; `mm_projector_lr` and
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 from functools import partial
@@ -38,22 +37,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from llava_train.config import (
     Config,
-    FsdpConfig,
     LlmTuning,
-    Precision,
     StageName,
-    deepspeed_config_path,
-    gradient_accumulation_steps,
-    token_accumulation_steps,
 )
 from llava_train.constants import IGNORE_INDEX
 from llava_train.train import checkpoint as ckpt
 from llava_train.train import faults
 from llava_train.train import flops as fl
+from llava_train.train import throughput as tp
 from llava_train.train.stages import component_of
 
 logger = logging.getLogger(__name__)
@@ -73,126 +68,6 @@ def count_supervised_tokens(labels: torch.Tensor, attention_mask: torch.Tensor |
     return valid.sum() - dropped.sum()
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def fsdp_config(fsdp: FsdpConfig) -> dict:
-    """TrainingArguments.fsdp_config (FSDP2) for the fsdp group; transformers 5 deprecates the string form
-    ``fsdp="full_shard auto_wrap"`` LLaVA's scripts pass. full_shard reshards after forward, shard_grad_op
-    keeps the parameters gathered; auto_wrap wraps ``transformer_layer_cls_to_wrap`` (the default policy)."""
-    words = fsdp.sharding.split()
-    reshard = {"full_shard": True, "shard_grad_op": False}
-    strategy = [w for w in words if w in reshard]
-    unknown = [w for w in words if w not in (*reshard, "auto_wrap", "offload")]
-    if unknown or len(strategy) != 1:
-        raise ValueError(
-            f"fsdp.sharding={fsdp.sharding!r}: use one of full_shard / shard_grad_op, optionally with auto_wrap "
-            "and offload (FSDP2; hybrid sharding needs transformers' FSDP1, not configured here)"
-        )
-    config = {
-        "reshard_after_forward": reshard[strategy[0]],
-        "transformer_layer_cls_to_wrap": list(fsdp.transformer_layer_cls_to_wrap),
-        "activation_checkpointing": fsdp.activation_checkpointing,
-    }
-    if fsdp.cpu_offload or "offload" in words:
-        config["cpu_offload"] = True
-    return config
-
-
-WANDB_MODES = ("offline", "online", "disabled", "dryrun", "run", "shared")  # what wandb itself accepts
-
-
-def check_wandb_mode_env(default: str) -> None:
-    """WANDB_MODE set but empty means unset (training.wandb_mode applies); another unknown value is refused here
-    rather than as wandb's pydantic traceback at the first log."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode is None:
-        return
-    if not mode.strip():
-        os.environ["WANDB_MODE"] = default
-        logger.warning("WANDB_MODE is set but empty: using training.wandb_mode=%s", default)
-    elif mode not in WANDB_MODES:
-        raise ValueError(
-            f"WANDB_MODE={mode!r} in the environment is not one of {WANDB_MODES}: unset it "
-            "(training.wandb_mode applies) or set e.g. WANDB_MODE=disabled."
-        )
-
-
-def build_training_args(cfg: Config, run_dir: str | None = None) -> TrainingArguments:
-    """Map the typed config onto TrainingArguments; check world size and batch arithmetic."""
-    t = cfg.training
-    run_dir = run_dir or t.run_dir
-    world = world_size_from_env()
-    cuda = torch.cuda.is_available()
-    if cfg.fsdp.enabled and not cuda:
-        raise RuntimeError(
-            "fsdp is GPU-only here: the Trainer cannot run FSDP on CPU. Use fsdp=none, and deepspeed=zero2 or "
-            "deepspeed=zero3 for sharded training on CPU."
-        )
-    precision = Precision(t.precision)
-    if precision == Precision.auto:
-        precision = Precision.bf16 if cuda and torch.cuda.is_bf16_supported() else Precision.fp32
-    if precision in (Precision.bf16, Precision.fp16) and not cuda:
-        logger.warning("precision=%s on CPU: autocast is ~23x slower than fp32 here.", precision.value)
-    budget = cfg.data.max_tokens_per_batch
-    if budget is None:
-        accumulation = gradient_accumulation_steps(t.global_batch_size, t.per_device_batch_size, world)
-        per_device = t.per_device_batch_size
-    else:  # the batch sampler sizes each micro-batch; the Trainer's batch size is its bookkeeping only
-        accumulation, per_device = token_accumulation_steps(t.global_batch_tokens, budget, world), 1
-    report_to = "none"
-    if t.report_to_wandb:
-        check_wandb_mode_env(t.wandb_mode.value)
-    if t.report_to_wandb and os.environ.setdefault("WANDB_MODE", t.wandb_mode.value) != "disabled":
-        report_to = "wandb"
-        os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-    fsdp_kwargs = {"fsdp": True, "fsdp_config": fsdp_config(cfg.fsdp)} if cfg.fsdp.enabled else {}
-    args = TrainingArguments(
-        output_dir=str(run_dir),
-        run_name=t.name,
-        seed=t.seed,
-        data_seed=t.seed,  # the samplers' order follows training.seed (data.seed: mixture sampling only)
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # < 1: a ratio of the total steps (Trainer 5.x)
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation,
-        bf16=precision == Precision.bf16,
-        fp16=precision == Precision.fp16,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        dataloader_num_workers=cfg.data.num_workers,
-        remove_unused_columns=False,  # the collator builds the model's kwargs itself
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=None,  # rotation of complete checkpoints is ours (checkpoint.rotate_checkpoints)
-        report_to=report_to,
-        disable_tqdm=not t.progress_bar,
-        use_cpu=not cuda,  # without it the Trainer on CPU ignores WORLD_SIZE: N processes, N separate models
-        ddp_backend="gloo" if not cuda and world > 1 else None,
-        deepspeed=deepspeed_config_path(cfg.deepspeed),
-        average_tokens_across_devices=True,
-        **fsdp_kwargs,
-    )
-    if args.world_size != world:
-        raise RuntimeError(
-            f"the launcher started WORLD_SIZE={world} processes but the Trainer sees world_size="
-            f"{args.world_size}: each process would train its own model. On CPU the Trainer needs use_cpu=True "
-            "and a process group backend (gloo); check the launcher's environment (RANK, LOCAL_RANK, MASTER_ADDR)."
-        )
-    return args
-
-
 class LlavaTrainer(Trainer):
     """transformers.Trainer + LLaVA's param groups, sampler, token-count loss scaling and stage checkpoints."""
 
@@ -202,7 +77,7 @@ class LlavaTrainer(Trainer):
         self.graceful_stop = faults.GracefulStop()
         self.bad_record_counts: dict[str, int] = {}  # as of the last batch trained on (checkpointed)
         self.checkpoint_estimate: int | None = None  # bytes of one checkpoint (steps.check_disk_space)
-        self.throughput: fl.ThroughputMeter | None = None  # started by _prepare_for_training
+        self.throughput: tp.ThroughputMeter | None = None  # started by _prepare_for_training
         dataset = kwargs.get("train_dataset")
         if hasattr(dataset, "bad_record_stats") and kwargs.get("data_collator") is not None:
             kwargs["data_collator"] = faults.CountingCollator(kwargs["data_collator"], dataset)
@@ -280,8 +155,8 @@ class LlavaTrainer(Trainer):
         vision = VisionSpec.from_model(self.model).with_aspect_ratio(self.llava_cfg.data.image_aspect_ratio)
         self._image_tokens, self._max_length = vision.image_tokens, vision.model_max_length
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-        peak, source = fl.peak_tflops(self.llava_cfg.training.peak_tflops, self.args.device, dtype)
-        self.throughput = fl.ThroughputMeter(peak, source, self.args.world_size)
+        peak, source = tp.peak_tflops(self.llava_cfg.training.peak_tflops, self.args.device, dtype)
+        self.throughput = tp.ThroughputMeter(peak, source, self.args.world_size)
         logger.info("MFU denominator: %.3g TFLOP/s per device (%s)", peak, source)
 
     def floating_point_ops(self, inputs: dict) -> float:
@@ -508,37 +383,3 @@ def _can_fuse(groups: list[dict]) -> bool:
     trainable parameters a step took 29 ms unfused, 7.7 ms fused (docs/DEMO_HISTORY.md)."""
     params = [p for g in groups for p in g["params"]]
     return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
-
-def plot_loss_curve(log_history: list[dict], path: str | os.PathLike) -> Path | None:
-    """Training loss per logged step as a PNG (matplotlib Agg; log scale while every loss is positive), the
-    held-out ``eval_score`` of the in-training eval marked on a second axis; None when nothing was logged."""
-    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_score"]) for h in log_history if "eval_score" in h and "step" in h]
-    if not points and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if points:
-        ax.plot(*zip(*points), marker=".")
-        if min(loss for _, loss in points) > 0:
-            ax.set_yscale("log")  # the tail, where the loss is near zero, stays readable
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (log scale)" if ax.get_yscale() == "log" else "training loss")
-    ax.grid(alpha=0.3)
-    if evals:
-        scores = ax.twinx()
-        scores.plot(*zip(*evals), marker="s", linestyle="--", color="tab:orange")
-        for step, value in evals:
-            scores.annotate(
-                f"{value:.3g}", (step, value), textcoords="offset points", xytext=(0, 6), ha="center"
-            )
-        scores.set_ylabel("held-out eval score", color="tab:orange")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
