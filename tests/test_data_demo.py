@@ -96,3 +96,22 @@ def test_sum_questions_weighted_in_one_question_data(tmp_path):
     reads = sum("Read the digits" in q for q in asked)
     # Expected sums / reads: 0.48 / 0.10 of composites (0.24 / 0.14 if sums were not weighted).
     assert reads > 0 and sums > 2.5 * reads, (sums, reads)
+
+
+def test_sums_are_answered_one_addition_at_a_time(demo):
+    """A sum's answer reads the terms, then gives their sum; text-only questions add the same way."""
+    worked_sum = _build_demo_module().worked_sum
+    assert worked_sum([8, 6]) == "8 + 6 = 14"
+    assert worked_sum([4, 8, 3, 6]) == "4 + 8 + 3 + 6 = 21"
+    out, _ = demo
+    answers = [json.loads(line) for line in (out / "eval" / "answers.jsonl").read_text().splitlines()]
+    records = json.loads((out / "stage2.json").read_text())
+    replies = [r["conversations"][1]["value"] for r in records if "sum" in r["conversations"][0]["value"]]
+    replies += [a["answer"] for a in answers if a["category"] == "sum"]
+    text_only = [r["conversations"] for r in records if "image" not in r]
+    assert replies and text_only
+    for reply in replies + [turns[1]["value"] for turns in text_only]:
+        terms = [int(t) for t in reply.split(" = ")[0].split(" + ")]
+        assert 2 <= len(terms) <= 4 and reply == worked_sum(terms), reply
+    for turns in text_only:  # "What is 3 + 5?" -> "3 + 5 = 8"
+        assert turns[0]["value"] == f"What is {turns[1]['value'].split(' = ')[0]}?"

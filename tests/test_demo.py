@@ -26,7 +26,7 @@ def test_demo_quick_runs_every_step(tmp_path):
     assert {"single_digit", "composite"} <= set(metrics)
     assert metrics["tower_pretrain"]["n_val"] > 0 and 0.0 <= metrics["tower_pretrain"]["val_accuracy"] <= 1.0
     assert (out / "base" / "tower_pretrain.json").is_file()
-    for path in ("stage1/mm_projector.safetensors", "stage2/adapter_model.safetensors", "hf/config.json"):
+    for path in ("stage1/mm_projector.safetensors", "stage2/model.safetensors", "hf/config.json"):
         assert (out / path).is_file(), path
     assert len((out / "answers.jsonl").read_text().splitlines()) == 12
     for stage in ("stage1", "stage2"):  # --seed reaches both training runs
