@@ -38,7 +38,7 @@ SEED = 0
 DEMO = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "demo.yaml"))
 TOKENIZER, TEMPLATE = DEMO["tokenizer"], DEMO["data"]["template"]
 # Step 0b, the tower's stand-in for CLIP pretraining (llava_train/train/tower_pretrain.py).
-TOWER = {"epochs": 25, "lr": 5e-3, "batch_size": 128, "token_loss": 1.0}
+TOWER = {"epochs": 40, "lr": 4e-3, "batch_size": 128, "token_loss": 1.0}
 # One compute thread per process: the demo's matrices are tiny, and a second OpenMP thread only waits
 # for a core (on a busy 2-core machine a step was 22x slower with two); the second core decodes images
 # in the data loader's worker (the schedules' data.num_workers=1). docs/DEMO_HISTORY.md has the runs.
