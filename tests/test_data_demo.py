@@ -98,7 +98,7 @@ def test_sum_questions_weighted_in_one_question_data(tmp_path):
     assert reads > 0 and sums > 2.5 * reads, (sums, reads)
 
 
-def test_sums_are_answered_one_addition_at_a_time(demo):
+def test_sums_are_answered_worked_out(demo):
     """A sum's answer reads the terms, then gives their sum; text-only questions add the same way."""
     worked_sum = _build_demo_module().worked_sum
     assert worked_sum([8, 6]) == "8 + 6 = 14"
