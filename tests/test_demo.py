@@ -12,7 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_quick_runs_every_step(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
-    build = [sys.executable, "data/build_demo.py", "--out", str(data), "--stage1", "64", "--stage2", "64"]
+    build = [
+        sys.executable,
+        "data/build_demo.py",
+        "--out",
+        str(data),
+        "--stage1",
+        "64",
+        "--stage2",
+        "64",
+        "--llm-texts",
+        "512",
+    ]
     subprocess.run([*build, "--eval", "12"], cwd=ROOT, check=True)
     subprocess.run(
         [sys.executable, "launch/demo.py", "--quick", "--data", str(data), "--out", str(out), "--seed", "3"],
@@ -25,7 +36,9 @@ def test_demo_quick_runs_every_step(tmp_path):
     assert 0.0 <= metrics["overall"]["accuracy"] <= 1.0
     assert {"single_digit", "composite"} <= set(metrics)
     assert metrics["tower_pretrain"]["n_val"] > 0 and 0.0 <= metrics["tower_pretrain"]["val_accuracy"] <= 1.0
-    assert (out / "base" / "tower_pretrain.json").is_file()
+    assert metrics["llm_pretrain"]["steps"] == 3 and 0.0 <= metrics["llm_pretrain"]["accuracy"] <= 1.0
+    pretrain = json.loads((out / "base" / "pretrain.json").read_text())
+    assert set(pretrain) == {"tower", "llm"} and not (out / "base" / "llm_pretrain.safetensors").exists()
     for path in ("stage1/mm_projector.safetensors", "stage2/model.safetensors", "hf/config.json"):
         assert (out / path).is_file(), path
     assert len((out / "answers.jsonl").read_text().splitlines()) == 12
