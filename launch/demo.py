@@ -39,11 +39,9 @@ SEED = 0
 # train command below is `launch/train.py stage=... model=demo schedule=...` plus the paths of this run.
 DEMO = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "demo.yaml"))
 TOKENIZER, TEMPLATE = DEMO["tokenizer"], DEMO["data"]["template"]
-# Step 0b, the tower's stand-in for CLIP pretraining (llava_train/train/tower_pretrain.py).
-TOWER = {"epochs": 40, "lr": 4e-3, "batch_size": 128, "token_loss": 1.0}
-# Step 0c, the LLM's stand-in for its own pretraining (llava_train/train/llm_pretrain.py): one epoch
-# over the 32,000 worked sums of data/demo/llm_texts.json, 250 steps of 128.
-LLM = {"epochs": 1, "lr": 5e-3, "batch_size": 128}
+# Steps 0b and 0c, the tower's and the LLM's stand-ins for their own pretraining (conf/demo/pretrain.yaml).
+PRETRAIN = OmegaConf.to_container(OmegaConf.load(CONF / "demo" / "pretrain.yaml"))
+TOWER, LLM = PRETRAIN["tower"], PRETRAIN["llm"]
 # One compute thread per process: the demo's matrices are tiny, and a second OpenMP thread only waits
 # for a core (on a busy 2-core machine a step was 22x slower with two); the second core decodes images
 # in the data loader's worker (the schedules' data.num_workers=1). docs/DEMO_HISTORY.md has the runs.
