@@ -39,6 +39,11 @@ class DataConfig:
         lengths (image tokens included); replaces the per-device batch size and implies length grouping.
         A row longer than the budget is an error naming it: >= the model's maximum length always fits.
         None: off.
+    num_workers: data-loader worker processes (0: load in the training process).
+    worker_sharing: how workers hand batches to the training process (``torch.multiprocessing`` sharing
+        strategy): file_system (default) names a shared-memory file per tensor; file_descriptor (torch's
+        default) passes a descriptor per tensor over a fresh authenticated socket, about 1 ms each in the
+        receiving process (docs/THROUGHPUT.md "Data-loader workers").
     seed: seeds the mixture sampling (random:N) and the train sampler's order.
     """
 
@@ -54,6 +59,7 @@ class DataConfig:
     packing: bool = False
     max_tokens_per_batch: int | None = None
     num_workers: int = 2
+    worker_sharing: str = "file_system"
     seed: int = 0
     streaming: bool = False
     # Where .json files get their JSONL index cache (None: ~/.cache/llava_train/json_index).
@@ -66,6 +72,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.bad_record_policy not in ("strict", "skip"):
             raise ValueError(f"bad_record_policy={self.bad_record_policy!r}; use 'strict' or 'skip'")
+        if self.worker_sharing not in ("file_system", "file_descriptor"):
+            raise ValueError(
+                f"data.worker_sharing={self.worker_sharing!r}; use 'file_system' or 'file_descriptor'"
+            )
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,10 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
     from llava_train.data.config import VisionSpec
     from llava_train.data.dataset import build_dataset
 
+    if cfg.data.num_workers > 0:  # forked workers inherit it; they send, this process receives
+        import torch.multiprocessing
+
+        torch.multiprocessing.set_sharing_strategy(cfg.data.worker_sharing)
     base = _base_model(model)
     vision = VisionSpec.from_model(base).with_aspect_ratio(cfg.data.image_aspect_ratio)
     processor = base.get_vision_tower().image_processor()
