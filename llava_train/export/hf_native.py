@@ -338,10 +338,11 @@ def export_hf(
     """Write ``model`` + processor to ``out_dir`` in the transformers-native format; returns the dir.
 
     Load it back with ``AutoModelForImageTextToText.from_pretrained(out_dir)`` and
-    ``AutoProcessor.from_pretrained(out_dir)``. ``template`` (the conversation template the model was
-    trained with) gives the processor and tokenizer a ``chat_template``, so
-    ``processor.apply_chat_template(messages, add_generation_prompt=True)`` builds our prompt ids;
-    ``chat_template`` sets a Jinja string directly instead. ``accept_native_rounding``: export a model
+    ``AutoProcessor.from_pretrained(out_dir)`` (with torchvision installed, pass ``use_fast=False`` for
+    the PIL image processor, which resizes as training did; docs/MODEL_FAMILIES.md). ``template`` (the
+    conversation template the model was trained with) gives the processor and tokenizer a
+    ``chat_template``, so ``processor.apply_chat_template(messages, add_generation_prompt=True)`` builds
+    our prompt ids; ``chat_template`` sets a Jinja string directly instead. ``accept_native_rounding``: export a model
     with the original's floor unpad to the native classes, which round (:func:`check_native_rounding`).
     """
     native_kind(model.config)  # refuse early, before copying anything
