@@ -12,9 +12,10 @@ LLaVA-like skewed samples (90% with an image, long-tailed text), same optimizer 
 - ``ours_packed``: the same samples packed (first-fit-decreasing, ``--max-length``) into ``--rows`` rows
   per step, PackingCollator batches with seq_ids, sdpa with the [b, 1, T, T] block-diagonal mask.
 - ``ours_packed_<attn>``: the same packed batches with another ``model.attn_implementation`` (same
-  weights): eager (additive mask), flex_attention (document-causal BlockMask), flash_attention_2 (varlen
-  from the restarting position ids). A path that cannot train here is listed under ``skipped`` with the
-  reason (flex: no CPU backward in torch; flash: needs flash-attn and CUDA).
+  weights): sdpa_varlen (one causal sdpa per packed sample, no mask), eager (additive mask),
+  flex_attention (document-causal BlockMask), flash_attention_2 (varlen from the restarting position ids).
+  A path that cannot train here is listed under ``skipped`` with the reason (flex: no CPU backward in
+  torch; flash: needs flash-attn and CUDA).
 - ``ours_packed_compiled`` (``--compile``): ``ours_packed`` with the decoder under ``torch.compile``
   (dynamic shapes); ``compile_cpu_s`` is the CPU time of its first epoch (every shape compiled once).
 
@@ -47,7 +48,7 @@ from llava_train.model import ModelConfig, build_model
 from llava_train.model.builder import check_attn_implementation
 
 VOCAB, IMAGE_SIDE, PATCH = 8000, 112, 14
-PACKED_ATTN = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+PACKED_ATTN = ("sdpa", "sdpa_varlen", "eager", "flex_attention", "flash_attention_2")
 SIZES = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=7, num_attention_heads=6)
 QUICK_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
 VISION = dict(

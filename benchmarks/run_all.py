@@ -64,11 +64,13 @@ def summary() -> list[dict]:
                 met=by["ours"].get("vs_hf_cpu", by["ours"]["vs_hf"]) >= 1.0,
             )
         )
+        packed = [r for name, r in by.items() if name.startswith("ours_packed")]
+        best = max(packed, key=lambda r: r.get("vs_hf_cpu", r["vs_hf"]))
         rows.append(
             dict(
-                goal="train step packed >= 1.5x HF",
-                figure=f"{by['ours_packed']['vs_hf']}x (CPU time {by['ours_packed'].get('vs_hf_cpu')}x)",
-                met=by["ours_packed"].get("vs_hf_cpu", by["ours_packed"]["vs_hf"]) >= 1.5,
+                goal="train step packed >= 3.5x HF (issue 20), best packed path",
+                figure=f"{best['variant']}: {best['vs_hf']}x (CPU time {best.get('vs_hf_cpu')}x)",
+                met=best.get("vs_hf_cpu", best["vs_hf"]) >= 3.5,
             )
         )
     padding = _load("padding")

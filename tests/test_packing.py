@@ -113,6 +113,12 @@ CASES = [
     ("anyres_max_4", "spatial_unpad", "sdpa", "tiny_qwen2_siglip"),
     ("anyres", "spatial_unpad", "sdpa", "tiny_gemma3"),
     ("pad", "flat", "eager", "tiny_gemma3"),
+    # sdpa_varlen (model/varlen.py): one causal sdpa per sample, windowed where Mistral / Gemma 3 slide
+    ("pad", "flat", "sdpa_varlen", "tiny"),
+    ("anyres", "spatial_unpad", "sdpa_varlen", "tiny"),
+    ("anyres", "spatial_unpad", "sdpa_varlen", "tiny_mistral"),
+    ("anyres_max_4", "spatial_unpad", "sdpa_varlen", "tiny_qwen2_siglip"),
+    ("anyres", "spatial_unpad", "sdpa_varlen", "tiny_gemma3"),
 ]
 
 
@@ -260,3 +266,27 @@ def test_position_id_packing_equals_block_mask(monkeypatch):
         monkeypatch.setattr(llava_arch, "packed_attention_mask", lambda *args: None)
         by_position = model(**batch).logits
     torch.testing.assert_close(by_position, block, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_segments_are_the_runs_of_restarting_positions():
+    from llava_train.model.varlen import packed_segments
+
+    seq_ids = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3]])
+    assert packed_segments(packed_position_ids(seq_ids)) == [[(0, 3), (3, 5), (5, 7)], [(0, 7)]]
+
+
+def test_sdpa_varlen_runs_unpacked_batches_as_sdpa():
+    """No seq_ids: padded rows take transformers' sdpa mask and kernel, so eval and generation are sdpa's."""
+    results = {}
+    for attn in ("sdpa", "sdpa_varlen"):
+        model = _model("anyres", "spatial_unpad", attn).train()
+        model.config.tokenizer_padding_side = (
+            "left"  # the merge pads on the left: text would see pads unmasked
+        )
+        samples = _samples(model, [1, 0, 2])
+        results[attn] = _loss_and_grads(model, DataCollator(0)(samples), _supervised(samples))
+    (loss, grads), (loss_ref, grads_ref) = results["sdpa_varlen"], results["sdpa"]
+    assert torch.isfinite(loss_ref)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from llava_train.model import varlen
 from llava_train.model.anyres import check_unpad_rounding
 from llava_train.model.families import family_class
 from llava_train.model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
@@ -51,9 +52,12 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+varlen.register()  # transformers accepts attn_implementation=sdpa_varlen from here on
+
 # attn_implementation -> (module providing its kernel, how to install it); None: torch itself
 _ATTENTION = {
     "sdpa": None,
+    "sdpa_varlen": None,  # model/varlen.py: one causal sdpa per packed sample, no [T, T] mask
     "eager": None,
     "flex_attention": None,
     "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
@@ -64,9 +68,10 @@ _ATTENTION = {
 def check_attn_implementation(name: str) -> None:
     """Raise a ValueError naming the fix when ``name`` is unknown or cannot run here.
 
-    Packed rows take a [b, 1, T, T] mask under sdpa / eager, a document-causal BlockMask under
-    flex_attention (torch >= 2.5; no CPU backward) and none under flash-attention (varlen from the
-    restarting position ids; needs the package and CUDA).
+    Packed rows take a [b, 1, T, T] mask under sdpa / eager, one causal sdpa call per sample and no
+    mask under sdpa_varlen (model/varlen.py), a document-causal BlockMask under flex_attention
+    (torch >= 2.5; no CPU backward) and none under flash-attention (varlen from the restarting position
+    ids; needs the package and CUDA).
     """
     if name not in _ATTENTION:
         raise ValueError(f"model.attn_implementation={name!r}; use one of {sorted(_ATTENTION)}")

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_train.constants import IGNORE_INDEX
+from llava_train.model import varlen
 from llava_train.model.anyres import check_unpad_rounding
 from llava_train.model.llava_arch import LlavaMetaForCausalLM, init_image_newline
 
@@ -118,6 +119,8 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
                     seq_ids=seq_ids,
                 )
             )
+        if seq_ids is not None and getattr(self.config, "_attn_implementation", None) == varlen.NAME:
+            kwargs[varlen.SEGMENTS_KWARG] = varlen.packed_segments(position_ids)
         if return_dict is not None:
             kwargs["return_dict"] = return_dict
         if labels is not None and self.training:

@@ -1,0 +1,92 @@
+"""``model.attn_implementation=sdpa_varlen``: packed rows with no [T, T] mask, on any device.
+
+Under ``sdpa`` a packed row (data/packing.py) gets a [b, 1, T, T] block-diagonal causal mask, and torch's
+kernels compute every query-key score of the row, then mask most of them away. ``sdpa_varlen`` runs one
+causal ``scaled_dot_product_attention`` per packed sample instead, as flash-attention's varlen kernel does
+on a GPU: the work is the sum of each sample's L x L / 2 scores, not T x T, and with no mask torch's CPU
+kernel skips the blocks above the diagonal. Samples are read from the restarting position ids
+(:func:`packed_segments`); padding at a row's end is a segment of its own, as the sdpa mask has it.
+
+Batches that are not packed run as ``sdpa`` does (transformers' own mask and kernel). Sliding-window
+layers (Mistral, Gemma 3's local layers) get a banded mask on samples longer than the window. Equal to the
+unpacked step, loss and every gradient, in tests/test_packing.py; timed in benchmarks/bench_train_step.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sdpa_varlen"
+SEGMENTS_KWARG = "packed_segments"
+
+
+def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """[b, T] position ids that restart at 0 for every packed sample -> each row's (start, end) runs."""
+    t = position_ids.shape[1]
+    out = []
+    for row in position_ids.tolist():
+        starts = [i for i, p in enumerate(row) if p == 0] or [0]
+        out.append(list(zip(starts, starts[1:] + [t])))
+    return out
+
+
+def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Causal and at most ``window`` - 1 keys back; None where plain causal is the same."""
+    if not window or length <= window:
+        return None
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril().triu(-(window - 1))
+
+
+def sdpa_varlen_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: [b, h, T, d] query, [b, h_kv, T, d] key / value -> [b, T, h, d]."""
+    segments = kwargs.pop(SEGMENTS_KWARG, None)
+    if segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attn_implementation={NAME} has no attention-logit softcapping; use eager")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: every query head its key / value head
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    window = kwargs.get("sliding_window")
+    rows = []
+    for r, runs in enumerate(segments):
+        parts = []
+        for start, end in runs:
+            mask = _window_mask(end - start, window, query.device)
+            parts.append(
+                F.scaled_dot_product_attention(
+                    query[r : r + 1, :, start:end],
+                    key[r : r + 1, :, start:end],
+                    value[r : r + 1, :, start:end],
+                    attn_mask=mask,
+                    dropout_p=dropout if module.training else 0.0,
+                    is_causal=mask is None,
+                    scale=scaling,
+                )
+            )
+        rows.append(torch.cat(parts, dim=2))  # [1, h, T, d]
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make ``sdpa_varlen`` an attention implementation transformers accepts; unpacked batches get sdpa's
+    masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, sdpa_varlen_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
