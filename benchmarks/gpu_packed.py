@@ -1,7 +1,8 @@
 """GPU check of packing (for benchmarks/gpu_check.sh): packed == unpacked, and packed vs unpacked step speed.
 
-For each attention implementation available (sdpa; flash_attention_2 when flash-attn is installed, where
-packing goes through the restarting position ids and the varlen kernel): the loss and gradient norm of a
+For each attention implementation available (sdpa; sdpa_varlen, one causal sdpa call per packed sample;
+flash_attention_2 when flash-attn is installed, where packing goes through the restarting position ids
+and the varlen kernel): the loss and gradient norm of a
 packed batch against the same samples unpacked, then tokens/s of the train step (bench_train_step sizes)
 unpacked vs packed. Exits 1 when packed and unpacked disagree. Also runs on CPU (``--device cpu``).
 
@@ -89,7 +90,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "gpu_packed.json"))
     a = parser.parse_args()
     dtype = getattr(torch, a.dtype)
-    attns = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+    attns = ["sdpa", "sdpa_varlen"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
     mix = Mix(image_tokens=(IMAGE_SIDE // PATCH) ** 2, image_text_median=80, text_only_median=250, hi=440)
     data = samples(a.samples, mix, VOCAB - 1, IMAGE_SIDE, seed=0, max_length=a.max_length)
     for s in data:

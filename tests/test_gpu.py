@@ -100,10 +100,19 @@ def _pair(attn: str, preset: str) -> tuple:
     return ref, model.cuda(), samples, n
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_gemma3"])  # Gemma 3: sliding-window BlockMask too
-def test_cuda_packed_flex_equals_unpacked_sdpa(preset):
-    """The document-causal BlockMask (packed rows, flex_attention) gives the unpacked sdpa loss and grads."""
-    ref, flex, samples, n = _pair("flex_attention", preset)
+@pytest.mark.parametrize(
+    "attn,preset",  # Gemma 3: sliding-window layers too (a windowed BlockMask / banded per-sample mask)
+    [
+        ("flex_attention", "tiny"),
+        ("flex_attention", "tiny_gemma3"),
+        ("sdpa_varlen", "tiny"),
+        ("sdpa_varlen", "tiny_gemma3"),
+    ],
+)
+def test_cuda_packed_flex_and_varlen_equal_unpacked_sdpa(attn, preset):
+    """flex_attention's document-causal BlockMask and sdpa_varlen's per-sample calls (packed rows) give the
+    unpacked sdpa loss and grads, and still run unpacked batches."""
+    ref, flex, samples, n = _pair(attn, preset)
     loss_ref, grads_ref = _loss_and_grads(ref, _to(DataCollator(0)(samples), "cuda"), n)
     loss, grads = _loss_and_grads(flex, _to(PackingCollator(0)([samples[:3], samples[3:]]), "cuda"), n)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
