@@ -75,12 +75,12 @@ from transformers import TrainerCallback
 from llava_train.config import CONF_DIR, normalize_argv, register_configs, to_typed
 from llava_train.train import steps
 from llava_train.train.stages import apply_stage
+from llava_train.train.throughput import PEAK_TFLOPS_16BIT
 
 WARMUP = 3
 
 def numel(p):  # ZeRO-3 partitions parameters (shape [0] outside a gather); ds_numel is the full size
     return getattr(p, "ds_numel", None) or p.numel()
-PEAKS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 class Timer(TrainerCallback):
     def __init__(self):
@@ -140,7 +140,7 @@ def main():
     samples = cfg.training.global_batch_size
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rate = os.environ.get("PEAK_TFLOPS") or os.environ.get("MEASURED_TFLOPS")
-    peak = float(rate) * 1e12 if rate else next((v for k, v in PEAKS.items() if k in name), None)
+    peak = float(rate) * 1e12 if rate else next((v * 1e12 for k, v in PEAK_TFLOPS_16BIT.items() if k in name), None)
     achieved = flops_per_sample(trainer.model, stage, seq, n_img) * samples / step_s
     result = {
         "stage": stage, "deepspeed": cfg.deepspeed.name, "device": name, "model": describe(trainer.model),
