@@ -90,7 +90,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "gpu_packed.json"))
     a = parser.parse_args()
     dtype = getattr(torch, a.dtype)
-    attns = ["sdpa", "sdpa_varlen"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+    attns = ["sdpa", "sdpa_varlen"] + (
+        ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
+    )
     mix = Mix(image_tokens=(IMAGE_SIDE // PATCH) ** 2, image_text_median=80, text_only_median=250, hi=440)
     data = samples(a.samples, mix, VOCAB - 1, IMAGE_SIDE, seed=0, max_length=a.max_length)
     for s in data:
