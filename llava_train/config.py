@@ -13,8 +13,10 @@ Defaults live in the dataclasses; the stage presets in conf/stage/*.yaml hold LL
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -212,21 +214,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _smollm2_135m() -> str:
-    from llava_train.pretrained import smollm2_135m_checkpoint
-
-    return str(smollm2_135m_checkpoint())
-
-
-def _gemma3_270m() -> str:
-    from llava_train.pretrained import gemma3_270m_checkpoint
-
-    return str(gemma3_270m_checkpoint())
+def _checkpoint(name: str) -> Callable[[], str]:
+    """The directory llava_train.pretrained's ``<name>_checkpoint()`` converts to (imported when called)."""
+    return lambda: str(getattr(importlib.import_module("llava_train.pretrained"), f"{name}_checkpoint")())
 
 
 # `${llava_pretrained:NAME}` in a YAML: the local directory of a converted pretrained checkpoint. Resolved
 # (and converted on first use, cached) only when the value is read.
-PRETRAINED = {"smollm2_135m": _smollm2_135m, "gemma3_270m": _gemma3_270m}
+PRETRAINED = {name: _checkpoint(name) for name in ("smollm2_135m", "gemma3_270m")}
 
 
 def _resolve_pretrained(name: str) -> str:
@@ -256,16 +251,12 @@ def normalize_argv(argv: list[str]) -> list[str]:
       refuses `+stage=finetune` ("Multiple values for stage"), the form the README and the original LLaVA
       scripts use. `+group=x` for a group of the defaults list means the same as `group=x`: rewrite it.
     """
-    out = []
-    skip_next = False
-    for arg in argv:
-        if skip_next:
-            skip_next = False
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg in ("--local_rank", "--local-rank"):
+            next(args, None)  # its value
             continue
         if re.fullmatch(r"--local[_-]rank=\d+", arg):
-            continue
-        if arg in ("--local_rank", "--local-rank"):
-            skip_next = True
             continue
         m = re.fullmatch(r"\+([a-z_]+)=(.*)", arg)
         if m and m.group(1) in CONFIG_GROUPS:
