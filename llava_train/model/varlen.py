@@ -27,8 +27,8 @@ def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """[b, T] position ids that restart at 0 for every packed sample -> each row's (start, end) runs."""
     t = position_ids.shape[1]
     out = []
-    for row in position_ids.tolist():
-        starts = [i for i, p in enumerate(row) if p == 0] or [0]
+    for row in position_ids:
+        starts = (row == 0).nonzero().flatten().tolist() or [0]
         out.append(list(zip(starts, starts[1:] + [t])))
     return out
 
