@@ -22,6 +22,7 @@ curves <out>/stage{1,2}/loss_curve.png, the answers, and every model directory.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -98,6 +99,7 @@ def build_base(out: Path, data: Path, quick: bool, seed: int = SEED) -> dict:
     return report
 
 
+@functools.cache
 def launch_train():
     """launch/train.py as a module (launch/ is not a package): its ``train`` runs one stage."""
     spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")

@@ -84,6 +84,7 @@ def test_max_steps_stops_early(tokenizer):
         tiny(tokenizer), tokenizer, sums(256), LlmPretrainConfig(batch_size=64, max_steps=2)
     )
     assert report["steps"] == 2 and len(report["loss"]) == 2
+    assert report["accuracy"] < 0.2  # two steps teach next to nothing: the accuracy is not a constant
 
 
 def test_saved_checkpoint_round_trip(tokenizer, tmp_path):

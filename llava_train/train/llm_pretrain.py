@@ -105,14 +105,21 @@ def decoder_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
+def _decoder_names(model: nn.Module) -> list[str]:
+    """The names of :func:`decoder_parameters`: the keys of the file :func:`pretrain_saved_llm` writes."""
+    keep = {id(p) for p in decoder_parameters(model)}
+    return [name for name, p in model.named_parameters() if id(p) in keep]
+
+
 def _completion_logits(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, vocab: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits over ``vocab`` at the supervised positions, the targets they predict)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits over ``vocab`` at the supervised positions, the targets they predict, each one's row)."""
     hidden = model.get_model()(input_ids=ids, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep] @ model.lm_head.weight[vocab].T, targets[keep]
+    logits = hidden[:, :-1][keep] @ model.lm_head.weight[vocab].T
+    return logits, targets[keep], keep.nonzero()[:, 0]
 
 
 @torch.no_grad()
@@ -123,10 +130,9 @@ def _accuracy(model: nn.Module, rows: list, pad_id: int, vocab: torch.Tensor) ->
     right = 0
     for start in range(0, len(rows), 512):
         ids, mask, labels = _batch(rows[start : start + 512], pad_id)
-        hidden = model.get_model()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        pred = vocab[(hidden @ model.lm_head.weight[vocab].T).argmax(-1)]  # back to token ids
-        targets = labels[:, 1:]
-        right += ((pred == targets) | (targets == IGNORE_INDEX)).all(1).sum().item()
+        logits, targets, row = _completion_logits(model, ids, mask, labels, vocab)
+        wrong = row[vocab[logits.argmax(-1)] != targets].unique()  # rows with a wrong token
+        right += len(ids) - len(wrong)
     model.train(was_training)
     return right / max(1, len(rows))
 
@@ -167,7 +173,7 @@ def pretrain_llm(
             if step == steps:
                 break
             ids, mask, labels = _batch([rows[i] for i in order[first : first + cfg.batch_size]], pad_id)
-            logits, targets = _completion_logits(model, ids, mask, labels, vocab)
+            logits, targets, _ = _completion_logits(model, ids, mask, labels, vocab)
             loss = F.cross_entropy(logits, to_vocab[targets])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -205,8 +211,8 @@ def pretrain_saved_llm(
     model = load_original(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     report = pretrain_llm(model, tokenizer, load_texts(texts_path), cfg)
-    keep = {id(p) for p in decoder_parameters(model)}
-    state = {name: p.detach().contiguous() for name, p in model.named_parameters() if id(p) in keep}
+    params = dict(model.named_parameters())
+    state = {name: params[name].detach().contiguous() for name in _decoder_names(model)}
     save_file(state, str(out_file))
     return report
 
@@ -217,9 +223,7 @@ def load_decoder_weights(model: nn.Module, path: str | Path) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    names = {
-        name for name, p in model.named_parameters() if id(p) in {id(q) for q in decoder_parameters(model)}
-    }
+    names = set(_decoder_names(model))
     if set(state) != names:
         raise ValueError(
             f"{path} does not hold this model's decoder: missing {sorted(names - set(state))[:5]}, "
