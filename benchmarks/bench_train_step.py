@@ -2,7 +2,8 @@
 
 Same model sizes (~19M parameters: Llama hidden 384 x 7 layers, vocab 8000; CLIP 112 px / patch 14,
 64 feature tokens per image, mlp2x_gelu projector; vision tower frozen as in stage 2), same synthetic
-LLaVA-like skewed samples (90% with an image, long-tailed text), same optimizer (AdamW), fp32, sdpa.
+LLaVA-like skewed samples (90% with an image, long-tailed text), same optimizer (fused AdamW, the
+default ``optim`` of transformers' Trainer on torch >= 2.8, so of both trainers), fp32, sdpa.
 
 - ``hf``: LlavaForConditionalGeneration with a TRL-style collator: the processor has already expanded
   each image into 64 image tokens, labels are -100 on prompt / image / padding; plain loop step
@@ -12,7 +13,8 @@ LLaVA-like skewed samples (90% with an image, long-tailed text), same optimizer 
 - ``ours_packed``: the same samples packed (first-fit-decreasing, ``--max-length``) into ``--rows`` rows
   per step, PackingCollator batches with seq_ids, sdpa with the [b, 1, T, T] block-diagonal mask.
 - ``ours_packed_<attn>``: the same packed batches with another ``model.attn_implementation`` (same
-  weights): sdpa_varlen (one causal sdpa per packed sample, no mask), eager (additive mask),
+  weights): sdpa_varlen (the rows end to end without padding, one causal sdpa per sample, no mask),
+  eager (additive mask),
   flex_attention (document-causal BlockMask), flash_attention_2 (varlen from the restarting position ids).
   A path that cannot train here is listed under ``skipped`` with the reason (flex: no CPU backward in
   torch; flash: needs flash-attn and CUDA).
@@ -133,7 +135,7 @@ def strip(batch: dict) -> dict:
 
 def make_step(model):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # both trainers' default: adamw_torch_fused
 
     def step(batch: dict) -> None:
         loss = model(**batch).loss

@@ -133,21 +133,15 @@ def test_packed_loss_and_grads_equal_unpacked(aspect, merge, attn, preset):
     packed = PackingCollator(0)([samples[:3], samples[3:]])
     assert packed["seq_ids"].shape == packed["input_ids"].shape
     assert packed["seq_ids"][0].unique().tolist() == [1, 2, 3]
-    loss, grads = _loss_and_grads(model, packed, n)
-    with torch.no_grad():  # the exact lengths packing relies on are the merged lengths
-        merged = model.prepare_inputs_labels_for_multimodal(
-            packed["input_ids"],
-            None,
-            None,
-            None,
-            None,
-            packed["images"],
-            packed["image_sizes"],
-            packed["seq_ids"],
-        )[1]  # position ids [b, T]
-    assert merged.shape[1] == max(
-        sum(s["length"] for s in samples[:3]), sum(s["length"] for s in samples[3:])
+    seen = []
+    hook = model.get_model().register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
     )
+    loss, grads = _loss_and_grads(model, packed, n)
+    hook.remove()
+    # the exact lengths packing relies on are the merged lengths; varlen: the rows end to end, no padding
+    lengths = [sum(s["length"] for s in samples[:3]), sum(s["length"] for s in samples[3:])]
+    assert seen == [(1, sum(lengths)) if attn == "sdpa_varlen" else (2, max(lengths))]
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert grads.keys() == grads_ref.keys()
     for name in grads:
@@ -262,10 +256,13 @@ def test_position_id_packing_equals_block_mask(monkeypatch):
     samples = _samples(model, [1, 0, 2, 1], seed=5)
     batch = _strip(PackingCollator(0)([samples[:3], samples[3:]]))
     with torch.no_grad():
-        block = model(**batch).logits
+        block = model(**batch).logits  # [2, T, V]
         monkeypatch.setattr(llava_arch, "packed_attention_mask", lambda *args: None)
-        by_position = model(**batch).logits
-    torch.testing.assert_close(by_position, block, rtol=1e-5, atol=1e-5)
+        by_position = model(**batch).logits  # [1, N, V]: the rows' real tokens, end to end
+    lengths = [sum(s["length"] for s in samples[:3]), sum(s["length"] for s in samples[3:])]
+    real = torch.cat([block[r, :n] for r, n in enumerate(lengths)])[None]
+    assert block.shape[1] == max(lengths) and min(lengths) < max(lengths)  # one row had padding
+    torch.testing.assert_close(by_position, real, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_segments_are_the_runs_of_restarting_positions():
@@ -290,3 +287,18 @@ def test_sdpa_varlen_runs_unpacked_batches_as_sdpa():
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sdpa_varlen_builds_no_mask_for_packed_rows(monkeypatch):
+    """Packed rows carry their segments to the kernel: transformers' [1, 1, N, N] mask is never built."""
+    import transformers.masking_utils as masking
+
+    built = []
+    sdpa_mask = masking.sdpa_mask
+    monkeypatch.setattr(masking, "sdpa_mask", lambda *a, **k: built.append(1) or sdpa_mask(*a, **k))
+    model = _model("pad", "flat", "sdpa_varlen").train()
+    samples = _samples(model, [1, 0, 2, 1], seed=3)
+    _loss_and_grads(model, PackingCollator(0)([samples[:2], samples[2:]]), _supervised(samples))
+    assert built == []
+    _loss_and_grads(model, DataCollator(0)(samples), _supervised(samples))  # unpacked: sdpa's own mask
+    assert built

@@ -27,6 +27,7 @@ from llava_train.constants import (
     IMAGE_TOKEN_INDEX,
 )
 from llava_train.model.merge import (
+    drop_padding,
     merge_image_crops,
     merge_text_and_images,
     packed_attention_mask,
@@ -204,7 +205,8 @@ class LlavaMetaForCausalLM:
 
         Packed rows (``seq_ids`` [b, s], data/packing.py): position ids restart at every sample and the
         attention mask is :func:`packed_attention_mask` (4D block-diagonal causal for sdpa / eager, a
-        document-causal BlockMask for flex_attention, None for flash-attention varlen).
+        document-causal BlockMask for flex_attention). Varlen kernels (sdpa_varlen, flash-attention) get
+        no mask and the rows laid end to end without their padding (:func:`drop_padding`): [1, N].
         """
         self._check_attention_device(input_ids.device)
         if seq_ids is not None:
@@ -282,6 +284,8 @@ class LlavaMetaForCausalLM:
         )
         position_ids = packed_position_ids(new_seq)  # [b, T]
         mask = self._packed_mask(new_seq, embeds.dtype)  # [b, 1, T, T], one per layer type, or None
+        if mask is None:  # varlen kernels: one row of the real tokens (transformers' flash path needs b = 1)
+            embeds, position_ids, new_labels = drop_padding(new_seq > 0, embeds, position_ids, new_labels)
         return None, position_ids, mask, past_key_values, embeds, None if labels is None else new_labels
 
     def _check_attention_device(self, device: torch.device) -> None:

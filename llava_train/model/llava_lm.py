@@ -9,6 +9,7 @@ how to add one. The mixins come first in the MRO, so ``super().forward`` is the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,34 +120,27 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
                     seq_ids=seq_ids,
                 )
             )
+        masks = contextlib.nullcontext()
         if seq_ids is not None and getattr(self.config, "_attn_implementation", None) == varlen.NAME:
             kwargs[varlen.SEGMENTS_KWARG] = varlen.packed_segments(position_ids)
+            masks = varlen.segments_given()  # the kernel reads the segments: no mask to build
         if return_dict is not None:
             kwargs["return_dict"] = return_dict
-        if labels is not None and self.training:
-            num_items = kwargs.pop("num_items_in_batch", None)
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            loss = self._supervised_loss(outputs.last_hidden_state, labels, num_items)
-            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
-        return super().forward(
+        decoder_inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
-            labels=labels,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
         )
+        with masks:
+            if labels is not None and self.training:
+                num_items = kwargs.pop("num_items_in_batch", None)
+                outputs = self.model(**decoder_inputs, **kwargs)
+                loss = self._supervised_loss(outputs.last_hidden_state, labels, num_items)
+                return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
+            return super().forward(**decoder_inputs, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
 
     def _supervised_loss(
         self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None

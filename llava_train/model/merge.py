@@ -189,6 +189,21 @@ def packed_position_ids(seq_ids: torch.Tensor) -> torch.Tensor:
     return arange - run_start
 
 
+def drop_padding(
+    real: torch.Tensor, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple:
+    """Packed rows for a varlen kernel -> one row of their real tokens: [b, T] -> [1, N], N = real.sum().
+
+    The kernels read the samples from the restarting position ids, so the rows can be laid end to end,
+    and the padding no longer goes through every linear layer (transformers' flash-attention path reads
+    packing from position ids only in a single row). Each row's first label is never a target (nothing
+    precedes it) and stays so: it is set to IGNORE_INDEX before the rows are joined.
+    """
+    labels = labels.clone()
+    labels[:, 0] = IGNORE_INDEX
+    return embeds[real][None], position_ids[real][None], labels[real][None]
+
+
 def packed_attention_mask(
     seq_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype, sliding_window: int | None = None
 ) -> Any:

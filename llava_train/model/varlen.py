@@ -5,7 +5,8 @@ kernels compute every query-key score of the row, then mask most of them away. `
 causal ``scaled_dot_product_attention`` per packed sample instead, as flash-attention's varlen kernel does
 on a GPU: the work is the sum of each sample's L x L / 2 scores, not T x T, and with no mask torch's CPU
 kernel skips the blocks above the diagonal. Samples are read from the restarting position ids
-(:func:`packed_segments`); padding at a row's end is a segment of its own, as the sdpa mask has it.
+(:func:`packed_segments`). Packed rows reach it laid end to end as one row of their real tokens
+(``drop_padding`` in merge.py, as for flash-attention), so the padding skips every linear layer too.
 
 Batches that are not packed run as ``sdpa`` does (transformers' own mask and kernel). Sliding-window
 layers (Mistral, Gemma 3's local layers) get a banded mask on samples longer than the window. Equal to the
@@ -14,6 +15,9 @@ unpacked step, loss and every gradient, in tests/test_packing.py; timed in bench
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 
 NAME = "sdpa_varlen"
 SEGMENTS_KWARG = "packed_segments"
+_SEGMENTS_GIVEN = contextvars.ContextVar("sdpa_varlen_segments_given", default=False)
 
 
 def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -63,30 +68,53 @@ def sdpa_varlen_forward(
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     window = kwargs.get("sliding_window")
     rows = []
-    for r, runs in enumerate(segments):
-        parts = []
-        for start, end in runs:
-            mask = _window_mask(end - start, window, query.device)
-            parts.append(
+    # unbind and split, not slices: their backward is one stack / cat, a slice's a zero-filled full tensor
+    for q_row, k_row, v_row, runs in zip(query.unbind(0), key.unbind(0), value.unbind(0), segments):
+        sizes = [end - start for start, end in runs]
+        out = []
+        for q, k, v in zip(*(t.split(sizes, dim=1) for t in (q_row, k_row, v_row))):  # [h, L, d]
+            mask = _window_mask(q.shape[1], window, query.device)
+            out.append(
                 F.scaled_dot_product_attention(
-                    query[r : r + 1, :, start:end],
-                    key[r : r + 1, :, start:end],
-                    value[r : r + 1, :, start:end],
+                    q[None],
+                    k[None],
+                    v[None],
                     attn_mask=mask,
                     dropout_p=dropout if module.training else 0.0,
                     is_causal=mask is None,
                     scale=scaling,
-                )
+                )[0]
             )
-        rows.append(torch.cat(parts, dim=2))  # [1, h, T, d]
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+        rows.append(torch.cat(out, dim=1))  # [h, T, d]
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def segments_given() -> Iterator[None]:
+    """Around a decoder call that passes ``packed_segments``: transformers builds no mask for it.
+
+    With no 2D mask and restarting position ids, transformers would build a [1, 1, N, N] packed mask
+    for every forward (N^2 booleans: 256 MB at 16k tokens) that this kernel never reads.
+    """
+    token = _SEGMENTS_GIVEN.set(True)
+    try:
+        yield
+    finally:
+        _SEGMENTS_GIVEN.reset(token)
+
+
+def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' mask interface for ``sdpa_varlen``: None under :func:`segments_given`, else sdpa's."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _SEGMENTS_GIVEN.get() else sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:
     """Make ``sdpa_varlen`` an attention implementation transformers accepts; unpacked batches get sdpa's
     masks."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, sdpa_varlen_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, _mask)
