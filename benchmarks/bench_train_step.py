@@ -10,6 +10,8 @@ default ``optim`` of transformers' Trainer on torch >= 2.8, so of both trainers)
   (forward, backward, optimizer step), batches of ``--batch`` samples in random order.
 - ``ours``: LlavaLlamaForCausalLM, DataCollator batches (one placeholder per image, merged in the model),
   the same batches.
+- ``ours_sdpa_varlen`` (with sdpa_varlen in ``--attn``): the ``ours`` batches under sdpa_varlen, which
+  trains padded rows as one row of their real tokens.
 - ``ours_packed``: the same samples packed (first-fit-decreasing, ``--max-length``) into ``--rows`` rows
   per step, PackingCollator batches with seq_ids, sdpa with the [b, 1, T, T] block-diagonal mask.
 - ``ours_packed_<attn>``: the same packed batches with another ``model.attn_implementation`` (same
@@ -231,6 +233,8 @@ def main(
             continue
         runs[f"ours_packed_{attn}"] = runs["ours_packed"]
         steps[f"ours_packed_{attn}"] = make_step(build_ours(sizes, max_length, attn))
+        if attn == "sdpa_varlen":  # padded rows train padding-free too
+            runs["ours_sdpa_varlen"], steps["ours_sdpa_varlen"] = runs["ours"], steps[f"ours_packed_{attn}"]
     compile_s = None
     if compile_decoder:  # the decoder only: the merge before it has data-dependent shapes
         compiled = build_ours(sizes, max_length)

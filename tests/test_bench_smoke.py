@@ -49,7 +49,14 @@ def test_bench_train_step_quick(bench):
     bench_train_step.main(n=4, batch=2, rows=1, max_length=512, repeats=1, quick=True, max_repeats=2)
     out = _read(bench, "train_step_quick")
     variants = [r["variant"] for r in out["results"]] + list(out["skipped"])  # flex: timed on CUDA only
-    assert variants[:5] == ["hf", "ours", "ours_packed", "ours_packed_sdpa_varlen", "ours_packed_eager"]
+    assert variants[:6] == [
+        "hf",
+        "ours",
+        "ours_packed",
+        "ours_packed_sdpa_varlen",
+        "ours_sdpa_varlen",
+        "ours_packed_eager",
+    ]
     assert "ours_packed_flex_attention" in variants and out["rounds"] <= 2
 
 

@@ -24,7 +24,7 @@ from llava_train.data.packing import (
 from llava_train.data.sampler import build_sampler
 from llava_train.model import ModelConfig, build_model
 from llava_train.model.anyres import get_anyres_image_grid_shape, is_anyres, num_image_tokens
-from llava_train.model.merge import packed_attention_mask, packed_position_ids
+from llava_train.model.merge import drop_padding, packed_attention_mask, packed_position_ids
 
 VOCAB = 500
 
@@ -272,25 +272,39 @@ def test_packed_segments_are_the_runs_of_restarting_positions():
     assert packed_segments(packed_position_ids(seq_ids)) == [[(0, 3), (3, 5), (5, 7)], [(0, 7)]]
 
 
-def test_sdpa_varlen_runs_unpacked_batches_as_sdpa():
-    """No seq_ids: padded rows take transformers' sdpa mask and kernel, so eval and generation are sdpa's."""
-    results = {}
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sdpa_varlen_trains_padded_rows_padding_free(side):
+    """No seq_ids: in training, padded rows reach the decoder as one row of their real tokens, with the
+    same loss and gradients as sdpa on the padded rows; in eval they run as sdpa (logits [b, T, V])."""
+    results, seen = {}, {}
     for attn in ("sdpa", "sdpa_varlen"):
         model = _model("anyres", "spatial_unpad", attn).train()
-        model.config.tokenizer_padding_side = (
-            "left"  # the merge pads on the left: text would see pads unmasked
-        )
+        model.config.tokenizer_padding_side = side  # the merge pads on this side
         samples = _samples(model, [1, 0, 2])
-        results[attn] = _loss_and_grads(model, DataCollator(0)(samples), _supervised(samples))
+        shapes = seen[attn] = []
+        model.get_model().register_forward_pre_hook(
+            lambda _, args, kwargs, shapes=shapes: shapes.append(kwargs["inputs_embeds"].shape[:2]),
+            with_kwargs=True,
+        )
+        batch = DataCollator(0)(samples)
+        results[attn] = _loss_and_grads(model, batch, _supervised(samples))
+        with torch.no_grad():
+            model.eval()
+            logits = model(**_strip(batch)).logits
+            assert logits.shape[:2] == shapes[-1]
+    lengths = [s["length"] for s in samples]
+    assert seen["sdpa_varlen"][0] == (1, sum(lengths)) and seen["sdpa"][0] == (3, max(lengths))
+    assert seen["sdpa_varlen"][1] == seen["sdpa"][1] == (3, max(lengths))  # eval: padded rows, as sdpa
     (loss, grads), (loss_ref, grads_ref) = results["sdpa_varlen"], results["sdpa"]
     assert torch.isfinite(loss_ref)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
     for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_sdpa_varlen_builds_no_mask_for_packed_rows(monkeypatch):
-    """Packed rows carry their segments to the kernel: transformers' [1, 1, N, N] mask is never built."""
+def test_sdpa_varlen_builds_no_mask_in_training(monkeypatch):
+    """Training rows carry their segments to the kernel: transformers' [1, 1, N, N] mask is never built."""
     import transformers.masking_utils as masking
 
     built = []
@@ -299,6 +313,23 @@ def test_sdpa_varlen_builds_no_mask_for_packed_rows(monkeypatch):
     model = _model("pad", "flat", "sdpa_varlen").train()
     samples = _samples(model, [1, 0, 2, 1], seed=3)
     _loss_and_grads(model, PackingCollator(0)([samples[:2], samples[2:]]), _supervised(samples))
+    _loss_and_grads(model, DataCollator(0)(samples), _supervised(samples))
     assert built == []
-    _loss_and_grads(model, DataCollator(0)(samples), _supervised(samples))  # unpacked: sdpa's own mask
+    with torch.no_grad():  # eval on padded rows: sdpa's own mask
+        model.eval()(**_strip(DataCollator(0)(samples)))
     assert built
+
+
+def test_drop_padding_joins_real_tokens_and_ignores_each_rows_first_label():
+    from llava_train.model.varlen import row_segments
+
+    real = torch.tensor([[False, True, True], [True, True, False], [False, False, False]])
+    embeds = torch.arange(9.0).view(3, 3, 1)
+    labels = torch.tensor([[-100, 11, 12], [20, 21, -100], [-100, -100, -100]])
+    positions = torch.arange(3).expand(3, 3)
+    e, p, y = drop_padding(real, embeds, positions, labels)
+    assert e.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert p.tolist() == [[1, 2, 0, 1]]
+    assert y.tolist() == [[IGNORE_INDEX, 12, IGNORE_INDEX, 21]]  # nothing real precedes 11 or 20
+    assert labels[0, 1] == 11  # the caller's labels are left alone
+    assert row_segments(real.sum(1).tolist()) == [[(0, 2), (2, 4)]]

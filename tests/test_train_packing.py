@@ -35,3 +35,35 @@ def test_finetune_with_packing_trains_on_packed_rows(tmp_path):
     assert seen and all(s is not None and int(s.max()) > 1 for s in seen)  # several samples per row
     losses = list(logged_losses(trainer).values())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_finetune_under_sdpa_varlen_logs_the_losses_of_sdpa(tmp_path):
+    """Unpacked, through the trainer: sdpa_varlen trains the padded rows padding-free, same losses."""
+    data_json = make_colour_dataset(tmp_path / "data", n=24)
+    losses, positions = {}, {}
+    for attn in ("sdpa", "sdpa_varlen"):
+        shapes = positions[attn] = []
+
+        def spy(model, shapes=shapes):
+            model.get_model().register_forward_pre_hook(
+                lambda _, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])),
+                with_kwargs=True,
+            )
+
+        raw = compose_config(
+            [
+                "+stage=finetune",
+                "stage.pretrain_mm_mlp_adapter=null",
+                f"model.attn_implementation={attn}",
+                *tiny_overrides(data_json, tmp_path / attn, learning_rate=1e-3, max_steps=4),
+                "training.global_batch_size=4",
+                "training.per_device_batch_size=4",
+            ]
+        )
+        trainer, _, _ = run_steps(raw, before_train=spy)
+        losses[attn] = torch.tensor(list(logged_losses(trainer).values()))
+    assert len(losses["sdpa"]) == 4 and torch.isfinite(losses["sdpa"]).all()
+    assert all(rows == 1 for rows, _ in positions["sdpa_varlen"])
+    padded = sum(rows * n for rows, n in positions["sdpa"])
+    assert sum(n for _, n in positions["sdpa_varlen"]) < padded  # the merged rows' padding was dropped
+    torch.testing.assert_close(losses["sdpa_varlen"], losses["sdpa"], rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ from llava_train.constants import IGNORE_INDEX
 from llava_train.model import varlen
 from llava_train.model.anyres import check_unpad_rounding
 from llava_train.model.llava_arch import LlavaMetaForCausalLM, init_image_newline
+from llava_train.model.merge import drop_padding
 
 
 @dataclass(repr=False)
@@ -121,9 +122,26 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
                 )
             )
         masks = contextlib.nullcontext()
-        if seq_ids is not None and getattr(self.config, "_attn_implementation", None) == varlen.NAME:
+        is_varlen = getattr(self.config, "_attn_implementation", None) == varlen.NAME
+        if is_varlen and seq_ids is not None:
             kwargs[varlen.SEGMENTS_KWARG] = varlen.packed_segments(position_ids)
             masks = varlen.segments_given()  # the kernel reads the segments: no mask to build
+        elif (
+            is_varlen
+            and self.training
+            and labels is not None
+            and cache is None
+            and attention_mask is not None
+        ):
+            # padded rows in training: the real tokens end to end, one segment a row (padding-free)
+            if inputs_embeds is None:
+                inputs_embeds, input_ids = self.get_model().embed_tokens(input_ids), None
+            real = attention_mask.bool()  # [b, T]
+            if position_ids is None:  # transformers' default, what sdpa would see
+                position_ids = torch.arange(real.shape[1], device=real.device).expand_as(real)
+            inputs_embeds, position_ids, labels = drop_padding(real, inputs_embeds, position_ids, labels)
+            kwargs[varlen.SEGMENTS_KWARG] = varlen.row_segments(real.sum(1).tolist())
+            attention_mask, masks = None, varlen.segments_given()
         if return_dict is not None:
             kwargs["return_dict"] = return_dict
         decoder_inputs = dict(

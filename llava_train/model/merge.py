@@ -192,15 +192,16 @@ def packed_position_ids(seq_ids: torch.Tensor) -> torch.Tensor:
 def drop_padding(
     real: torch.Tensor, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple:
-    """Packed rows for a varlen kernel -> one row of their real tokens: [b, T] -> [1, N], N = real.sum().
+    """Rows for a varlen kernel -> one row of their real tokens: [b, T] -> [1, N], N = real.sum().
 
-    The kernels read the samples from the restarting position ids, so the rows can be laid end to end,
-    and the padding no longer goes through every linear layer (transformers' flash-attention path reads
-    packing from position ids only in a single row). Each row's first label is never a target (nothing
-    precedes it) and stays so: it is set to IGNORE_INDEX before the rows are joined.
+    The kernels read the samples from the position ids (packed rows) or a list of segments, so the rows
+    can be laid end to end, and the padding no longer goes through every linear layer (transformers'
+    flash-attention path reads packing from position ids only in a single row). Each row's first real
+    token is never a target in its row (nothing real precedes it) and stays so: its label is set to
+    IGNORE_INDEX before the rows are joined.
     """
     labels = labels.clone()
-    labels[:, 0] = IGNORE_INDEX
+    labels[torch.arange(len(real), device=real.device), real.long().argmax(1)] = IGNORE_INDEX
     return embeds[real][None], position_ids[real][None], labels[real][None]
 
 

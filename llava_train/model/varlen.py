@@ -8,7 +8,9 @@ kernel skips the blocks above the diagonal. Samples are read from the restarting
 (:func:`packed_segments`). Packed rows reach it laid end to end as one row of their real tokens
 (``drop_padding`` in merge.py, as for flash-attention), so the padding skips every linear layer too.
 
-Batches that are not packed run as ``sdpa`` does (transformers' own mask and kernel). Sliding-window
+Padded rows in training (labels, no cache) go padding-free the same way: their real tokens end to end,
+one segment a row (:func:`row_segments`, in llava_lm.py), at the positions sdpa would give them. Eval and
+generation on padded rows run as ``sdpa`` does (transformers' own mask and kernel). Sliding-window
 layers (Mistral, Gemma 3's local layers) get a banded mask on samples longer than the window. Equal to the
 unpacked step, loss and every gradient, in tests/test_packing.py; timed in benchmarks/bench_train_step.py.
 """
@@ -36,6 +38,12 @@ def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
         starts = (row == 0).nonzero().flatten().tolist() or [0]
         out.append(list(zip(starts, starts[1:] + [t])))
     return out
+
+
+def row_segments(lengths: list[int]) -> list[list[tuple[int, int]]]:
+    """Rows of these lengths laid end to end in one row -> its (start, end) runs (empty rows skipped)."""
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    return [[(end - n, end) for n, end in zip(lengths, ends) if n]]
 
 
 def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
