@@ -125,6 +125,8 @@ CASES = [
 @pytest.mark.parametrize("aspect,merge,attn,preset", CASES)
 def test_packed_loss_and_grads_equal_unpacked(aspect, merge, attn, preset):
     model = _model(aspect, merge, attn, preset)
+    if preset == "tiny_mistral":  # its preset has no window: slide over 8 tokens, as Gemma 3's local layers
+        model.config.sliding_window = 8
     samples = _samples(model, [1, 0, 2, 1, 0])
     n = _supervised(samples)
     for s in samples:  # unpacked: token 0's label is never a target either
@@ -272,14 +274,25 @@ def test_packed_segments_are_the_runs_of_restarting_positions():
     assert packed_segments(packed_position_ids(seq_ids)) == [[(0, 3), (3, 5), (5, 7)], [(0, 7)]]
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_sdpa_varlen_trains_padded_rows_padding_free(side):
+@pytest.mark.parametrize(
+    "side,preset,window",
+    [
+        ("left", "tiny", None),
+        ("right", "tiny", None),
+        ("right", "tiny_mistral", 8),  # samples longer than the window: banded per row
+        ("left", "tiny_gemma3", None),  # its preset's 8-token sliding layers beside full ones
+        ("right", "tiny_qwen2_siglip", None),
+    ],
+)
+def test_sdpa_varlen_trains_padded_rows_padding_free(side, preset, window):
     """No seq_ids: in training, padded rows reach the decoder as one row of their real tokens, with the
     same loss and gradients as sdpa on the padded rows; in eval they run as sdpa (logits [b, T, V])."""
     results, seen = {}, {}
     for attn in ("sdpa", "sdpa_varlen"):
-        model = _model("anyres", "spatial_unpad", attn).train()
+        model = _model("anyres", "spatial_unpad", attn, preset).train()
         model.config.tokenizer_padding_side = side  # the merge pads on this side
+        if window:
+            model.config.sliding_window = window
         samples = _samples(model, [1, 0, 2])
         shapes = seen[attn] = []
         model.get_model().register_forward_pre_hook(
@@ -333,3 +346,21 @@ def test_drop_padding_joins_real_tokens_and_ignores_each_rows_first_label():
     assert y.tolist() == [[IGNORE_INDEX, 12, IGNORE_INDEX, 21]]  # nothing real precedes 11 or 20
     assert labels[0, 1] == 11  # the caller's labels are left alone
     assert row_segments(real.sum(1).tolist()) == [[(0, 2), (2, 4)]]
+
+
+def test_sdpa_varlen_keeps_sdpa_for_masks_with_holes_and_takes_unsqueezed_positions():
+    """A row whose real tokens are not one run trains as sdpa (padded); [1, T] position ids are expanded."""
+    results = {}
+    for attn in ("sdpa", "sdpa_varlen"):
+        model = _model("pad", "flat", attn).train()
+        ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+        labels = ids.clone()
+        labels[:, :2] = IGNORE_INDEX
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[0, 4:6] = 0  # a hole
+        hole = _loss_and_grads(model, dict(input_ids=ids, labels=labels, attention_mask=mask), 16)[0]
+        mask[0, 4:6], mask[1, 7:] = 1, 0  # right padding, positions as transformers unsqueezes them
+        labels = labels.masked_fill(mask == 0, IGNORE_INDEX)  # as the collators label padding
+        batch = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=torch.arange(10)[None])
+        results[attn] = hole, _loss_and_grads(model, batch, 13)[0]
+    torch.testing.assert_close(results["sdpa_varlen"], results["sdpa"], rtol=1e-5, atol=1e-6)

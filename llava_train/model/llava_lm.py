@@ -52,6 +52,15 @@ class LlavaConfigKeys:
         check_unpad_rounding(self.mm_unpad_rounding)
 
 
+def _one_run_a_row(attention_mask: Any) -> bool:
+    """A [b, T] padding mask whose real tokens are one contiguous run a row (left or right padding)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+        return False
+    real = attention_mask.bool()
+    runs = real[:, :1].long() + (real[:, 1:] & ~real[:, :-1]).sum(1, keepdim=True)  # [b, 1] runs a row
+    return bool((runs <= 1).all())
+
+
 class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
     """The image-aware causal LM. A family class sets ``base_model_class`` (its ``LlavaMetaModel``)."""
 
@@ -100,6 +109,8 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
         In training mode with labels, logits are computed only where a label is supervised (see
         :meth:`_supervised_loss`) and the output's ``logits`` is None; eval mode returns full logits, or
         the last ``logits_to_keep`` positions' (generate asks for 1 at prefill, as transformers' LMs do).
+        Under ``sdpa_varlen`` or flash-attention, packed rows run (and eval returns their logits) as one
+        row of their real tokens, [1, N, V]; under ``sdpa_varlen`` padded rows train that way too.
         """
         cache = cache if cache is not None else past_key_values
         if seq_ids is not None and inputs_embeds is not None:
@@ -131,14 +142,15 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
             and self.training
             and labels is not None
             and cache is None
-            and attention_mask is not None
+            and _one_run_a_row(attention_mask)
         ):
             # padded rows in training: the real tokens end to end, one segment a row (padding-free)
             if inputs_embeds is None:
                 inputs_embeds, input_ids = self.get_model().embed_tokens(input_ids), None
             real = attention_mask.bool()  # [b, T]
             if position_ids is None:  # transformers' default, what sdpa would see
-                position_ids = torch.arange(real.shape[1], device=real.device).expand_as(real)
+                position_ids = torch.arange(real.shape[1], device=real.device)
+            position_ids = position_ids.expand_as(real)  # [T] or [1, T] -> [b, T]
             inputs_embeds, position_ids, labels = drop_padding(real, inputs_embeds, position_ids, labels)
             kwargs[varlen.SEGMENTS_KWARG] = varlen.row_segments(real.sum(1).tolist())
             attention_mask, masks = None, varlen.segments_given()
