@@ -30,11 +30,14 @@ VOCAB = 500
 
 
 def _model(aspect: str, merge: str, attn: str = "sdpa", preset: str = "tiny"):
+    """The preset at test sizes; Mistral and Qwen2 + SigLIP with grouped-query attention (2 key / value
+    heads for 4 query heads), as both families have."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         preset=preset,
         hidden_size=64,
         intermediate_size=128,
+        num_key_value_heads=2 if preset in ("tiny_mistral", "tiny_qwen2_siglip") else None,
         image_aspect_ratio=aspect,
         mm_patch_merge_type=merge,
         attn_implementation=attn,

@@ -71,9 +71,7 @@ def sdpa_varlen_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"attn_implementation={NAME} has no attention-logit softcapping; use eager")
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: every query head its key / value head
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: query heads per key / value head
     window = kwargs.get("sliding_window")
     rows = []
     # unbind and split, not slices: their backward is one stack / cat, a slice's a zero-filled full tensor
@@ -82,6 +80,8 @@ def sdpa_varlen_forward(
         out = []
         for q, k, v in zip(*(t.split(sizes, dim=1) for t in (q_row, k_row, v_row))):  # [h, L, d]
             mask = _window_mask(q.shape[1], window, query.device)
+            if mask is not None and groups > 1:  # torch's masked kernels may not take GQA: repeat
+                k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
             out.append(
                 F.scaled_dot_product_attention(
                     q[None],
@@ -91,6 +91,7 @@ def sdpa_varlen_forward(
                     dropout_p=dropout if module.training else 0.0,
                     is_causal=mask is None,
                     scale=scaling,
+                    enable_gqa=mask is None and groups > 1,  # no repeated key / value copies
                 )[0]
             )
         rows.append(torch.cat(out, dim=1))  # [h, T, d]
