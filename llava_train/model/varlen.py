@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,8 +43,7 @@ def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 
 def row_segments(lengths: list[int]) -> list[list[tuple[int, int]]]:
     """Rows of these lengths laid end to end in one row -> its (start, end) runs (empty rows skipped)."""
-    ends = torch.tensor(lengths).cumsum(0).tolist()
-    return [[(end - n, end) for n, end in zip(lengths, ends) if n]]
+    return [[(end - n, end) for n, end in zip(lengths, itertools.accumulate(lengths)) if n]]
 
 
 def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
