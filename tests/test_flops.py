@@ -70,6 +70,30 @@ def test_full_finetune_is_three_forwards_of_the_llm():
     assert got.model == llm + vision
 
 
+def test_the_lm_head_counts_the_supervised_rows_only():
+    """Training computes logits only where a label is supervised: the lm_head counts those rows."""
+    trained = _model(llm=True, lm_head=True, embeddings=True, projector=True)
+    every = fl.training_flops(trained, LENGTHS, CROPS)
+    got = fl.training_flops(trained, LENGTHS, CROPS, supervised=3)
+    assert every.model - got.model == 3 * 2 * 8 * 10 * (8 - 3)  # fwd + input grad + weight grad
+    frozen_head = fl.training_flops(_model(projector=True), LENGTHS, CROPS, supervised=3)
+    assert fl.training_flops(_model(projector=True), LENGTHS, CROPS).model - frozen_head.model == (
+        2 * 2 * 8 * 10 * (8 - 3)  # fwd + input grad
+    )
+    image = IMAGE_TOKEN_INDEX
+    batch = {
+        "input_ids": torch.tensor([[1, image, 6, 7, 8], [1, 9, 9, 9, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+        "labels": torch.tensor([[-100, image, -100, 7, 8], [-100, -100, 9, 9, -100]]),
+        "images": torch.zeros(1, 3, 4, 4),
+        "image_sizes": [(4, 4)],
+    }
+    tokens = {(4, 4): 4}.__getitem__
+    assert fl.batch_flops(trained, batch, tokens, None) == fl.training_flops(
+        trained, [4 + 4, 4], 1, supervised=4
+    )
+
+
 def test_lora_base_is_input_grads_only_plus_the_adapters():
     adapters = 2 * (4 * 8 + 4 * 8)  # r = 4 on one 8 -> 8 linear in each of the 2 layers: A + B
     got = fl.training_flops(_model(lora_params=adapters, projector=True), LENGTHS, CROPS)

@@ -9,8 +9,10 @@ Conventions (docs/THROUGHPUT.md, "FLOPs"):
 - Matmuls only, 2 FLOPs per multiply-add. Norms, activations, softmax, RoPE, embedding lookups and the
   cross-entropy are not counted. Padding is never counted: both figures measure work on real tokens.
 - LLM forward: 2 * N_mm per token, N_mm = the decoder layers' matmul weights
-  (h*n_h*d_h + 2*h*n_kv*d_h + n_h*d_h*h + 3*h*I per layer: gated MLP) + the lm_head h*V. The input embedding
-  is a gather; tied embeddings change the parameter count, not the FLOPs (the lm_head matmul runs anyway).
+  (h*n_h*d_h + 2*h*n_kv*d_h + n_h*d_h*h + 3*h*I per layer: gated MLP), plus the lm_head 2*h*V per row it
+  runs on: in training only the supervised rows (the loss computes no other logits, llava_lm.py), so a
+  batch with labels counts those (``supervised``), as padding is not counted either. The input embedding
+  is a gather; tied embeddings change the parameter count, not the FLOPs.
 - Attention forward, per sample and layer: QK^T and AV, 2 * 2 * L * K * n_h * d_h with K = L (full) or
   min(L, W) (a sliding window W). No causal halving, as PaLM (Chowdhery et al. 2022, app. B) and
   Megatron-LM (Narayanan et al. 2021, eq. 3) count, so MFU compares with theirs. A packed row counts each
@@ -40,7 +42,7 @@ from typing import Any
 
 import torch
 
-from llava_train.constants import IMAGE_TOKEN_INDEX
+from llava_train.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +172,18 @@ def projector_forward(linears: Sequence[tuple[int, int]], tokens: int) -> list[f
     return [2.0 * i * o * tokens for i, o in linears]
 
 
-def training_flops(fm: FlopModel, lengths: Sequence[int], crops: int, image_free: bool = False) -> Flops:
+def training_flops(
+    fm: FlopModel,
+    lengths: Sequence[int],
+    crops: int,
+    image_free: bool = False,
+    supervised: int | None = None,
+) -> Flops:
     """Forward + backward FLOPs of one micro-batch: samples of merged ``lengths``, ``crops`` tower crops.
 
     ``image_free``: the batch has no image, so the model runs one blank crop for the autograd graph
-    (hardware FLOPs only). The rules are the module docstring's.
+    (hardware FLOPs only). ``supervised``: the rows the lm_head runs on (every token when None). The
+    rules are the module docstring's.
     """
     tr = fm.trainable
     parts: dict[str, float] = {}
@@ -187,6 +196,8 @@ def training_flops(fm: FlopModel, lengths: Sequence[int], crops: int, image_free
     upstream = tr.projector or tower_grad or tr.embeddings or tr.image_newline
     layers_train = tr.llm or tr.lora_params > 0
     linear, attention, head = llm_forward(fm.llm, lengths)
+    if supervised is not None:
+        head = 2.0 * fm.llm.head_params * supervised
     n = fm.llm.layers
     input_grad_layers = n if upstream else (n - 1 if layers_train else 0)
     passes = upstream or layers_train
@@ -380,7 +391,13 @@ def sample_lengths(
 def batch_flops(
     fm: FlopModel, batch: dict[str, Any], image_tokens: Callable, max_length: int | None
 ) -> Flops:
-    """:func:`training_flops` of a collated batch."""
+    """:func:`training_flops` of a collated batch; with ``labels``, the lm_head on the supervised rows."""
     crops = batch_crops(batch.get("images"))
     lengths = sample_lengths(batch, image_tokens, max_length)
-    return training_flops(fm, lengths, crops, image_free=crops == 0)
+    labels = batch.get("labels")
+    if labels is None:
+        supervised = None
+    else:  # the targets the loss reads: labels[1:] of each row, neither ignored nor an image placeholder
+        targets = labels[:, 1:]
+        supervised = int(((targets != IGNORE_INDEX) & (targets != IMAGE_TOKEN_INDEX)).sum())
+    return training_flops(fm, lengths, crops, image_free=crops == 0, supervised=supervised)
