@@ -353,9 +353,14 @@ def test_drop_padding_joins_real_tokens_and_ignores_each_rows_first_label():
 
 def test_sdpa_varlen_keeps_sdpa_for_masks_with_holes_and_takes_unsqueezed_positions():
     """A row whose real tokens are not one run trains as sdpa (padded); [1, T] position ids are expanded."""
-    results = {}
+    results, seen = {}, []
     for attn in ("sdpa", "sdpa_varlen"):
         model = _model("pad", "flat", attn).train()
+        if attn == "sdpa_varlen":
+            model.get_model().register_forward_pre_hook(
+                lambda _, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape[:2])),
+                with_kwargs=True,
+            )
         ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
         labels = ids.clone()
         labels[:, :2] = IGNORE_INDEX
@@ -366,4 +371,5 @@ def test_sdpa_varlen_keeps_sdpa_for_masks_with_holes_and_takes_unsqueezed_positi
         labels = labels.masked_fill(mask == 0, IGNORE_INDEX)  # as the collators label padding
         batch = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=torch.arange(10)[None])
         results[attn] = hole, _loss_and_grads(model, batch, 13)[0]
+    assert seen == [(2, 10), (1, 17)]  # the hole stays padded; the right-padded rows are joined
     torch.testing.assert_close(results["sdpa_varlen"], results["sdpa"], rtol=1e-5, atol=1e-6)

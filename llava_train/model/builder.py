@@ -69,7 +69,7 @@ def check_attn_implementation(name: str) -> None:
     """Raise a ValueError naming the fix when ``name`` is unknown or cannot run here.
 
     Packed rows take a [b, 1, T, T] mask under sdpa / eager, one causal sdpa call per sample and no
-    mask under sdpa_varlen (model/varlen.py), a document-causal BlockMask under flex_attention
+    mask or padding under sdpa_varlen (model/varlen.py), a document-causal BlockMask under flex_attention
     (torch >= 2.5; no CPU backward) and none under flash-attention (varlen from the restarting position
     ids; needs the package and CUDA).
     """

@@ -8,7 +8,7 @@ kernel skips the blocks above the diagonal. Samples are read from the restarting
 (:func:`packed_segments`). Packed rows reach it laid end to end as one row of their real tokens
 (``drop_padding`` in merge.py, as for flash-attention), so the padding skips every linear layer too.
 
-Padded rows in training (labels, no cache) go padding-free the same way: their real tokens end to end,
+Padded rows in training (labels, no cache, each row's real tokens one run) go padding-free the same way: their real tokens end to end,
 one segment a row (:func:`row_segments`, in llava_lm.py), at the positions sdpa would give them. Eval and
 generation on padded rows run as ``sdpa`` does (transformers' own mask and kernel). Sliding-window
 layers (Mistral, Gemma 3's local layers) get a banded mask on samples longer than the window. Equal to the
@@ -120,8 +120,8 @@ def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
 
 
 def register() -> None:
-    """Make ``sdpa_varlen`` an attention implementation transformers accepts; unpacked batches get sdpa's
-    masks."""
+    """Make ``sdpa_varlen`` an attention implementation transformers accepts; padded rows outside
+    :func:`segments_given` (eval, generation, masks with holes) get sdpa's masks."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
