@@ -8,11 +8,12 @@ kernel skips the blocks above the diagonal. Samples are read from the restarting
 (:func:`packed_segments`). Packed rows reach it laid end to end as one row of their real tokens
 (``drop_padding`` in merge.py, as for flash-attention), so the padding skips every linear layer too.
 
-Padded rows in training (labels, no cache, each row's real tokens one run) go padding-free the same way: their real tokens end to end,
-one segment a row (:func:`row_segments`, in llava_lm.py), at the positions sdpa would give them. Eval and
-generation on padded rows run as ``sdpa`` does (transformers' own mask and kernel). Sliding-window
-layers (Mistral, Gemma 3's local layers) get a banded mask on samples longer than the window. Equal to the
-unpacked step, loss and every gradient, in tests/test_packing.py; timed in benchmarks/bench_train_step.py.
+Padded rows in training (labels, no cache, each row's real tokens one run) go padding-free the same
+way: their real tokens end to end, one segment a row (:func:`row_segments`, in llava_lm.py), at the
+positions sdpa would give them. Eval and generation on padded rows run as ``sdpa`` does (transformers'
+own mask and kernel). Sliding-window layers (Mistral, Gemma 3's local layers) get a banded mask on
+samples longer than the window. Equal to the unpacked step, loss and every gradient, in
+tests/test_packing.py; timed in benchmarks/bench_train_step.py.
 """
 
 from __future__ import annotations
