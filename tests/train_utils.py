@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+import torch.multiprocessing
 from omegaconf import DictConfig
 from PIL import Image
 from transformers import TrainerCallback
@@ -87,6 +88,17 @@ def lora_deepspeed_overrides(
         "training.per_device_batch_size=2",
         *extra,
     ]
+
+
+class SharingProbe(torch.utils.data.Dataset):
+    """Each item is the sharing strategy of the process that loads it: a loader worker's, with workers.
+    Here, not in a test file, so that spawned workers can import it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> str:
+        return torch.multiprocessing.get_sharing_strategy()
 
 
 def run_steps(raw: DictConfig, callbacks=(), before_train=None):

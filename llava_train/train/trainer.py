@@ -11,6 +11,7 @@ What the subclass changes, and only that:
 - resume without DeepSpeed for the projector-only and LoRA checkpoints;
 - the train loader under token budgets (data.max_tokens_per_batch): variable-size micro-batches from
   data.sampler.TokenBudgetBatchSampler, accumulation derived from training.global_batch_tokens;
+- the train loader's workers set `data.worker_sharing` themselves (WorkerSharing), however they start;
 - `floating_point_ops`: the step's FLOPs by flops.py, and `tokens_per_second`, `tflops`, `mfu`, `hfu` in every
   log (and run_dir/throughput.jsonl);
 - fault tolerance (faults.py): SIGTERM / SIGINT save a checkpoint and exit 128 + signum, a non-finite loss or
@@ -66,6 +67,22 @@ def count_supervised_tokens(labels: torch.Tensor, attention_mask: torch.Tensor |
     rows = torch.arange(labels.shape[0], device=labels.device)
     dropped = valid[rows, first] & attention_mask[rows, first]
     return valid.sum() - dropped.sum()
+
+
+class WorkerSharing:
+    """A loader's worker_init_fn that sets ``data.worker_sharing`` in the worker, then runs ``then``.
+
+    The worker's strategy decides how its batches cross: forked workers inherit the training process's, but
+    spawned and forkserver ones (macOS; Linux from Python 3.14) start on torch's default, file_descriptor.
+    """
+
+    def __init__(self, strategy: str, then=None):
+        self.strategy, self.then = strategy, then
+
+    def __call__(self, worker_id: int) -> None:
+        torch.multiprocessing.set_sharing_strategy(self.strategy)
+        if self.then is not None:
+            self.then(worker_id)
 
 
 class LlavaTrainer(Trainer):
@@ -210,8 +227,12 @@ class LlavaTrainer(Trainer):
     # ---- sampler ---------------------------------------------------------------------------
     def get_train_dataloader(self):
         budget = self.llava_cfg.data.max_tokens_per_batch
-        if budget is None:
-            return super().get_train_dataloader()
+        loader = super().get_train_dataloader() if budget is None else self._token_budget_loader(budget)
+        if self.args.dataloader_num_workers > 0:
+            loader.worker_init_fn = WorkerSharing(self.llava_cfg.data.worker_sharing, loader.worker_init_fn)
+        return loader
+
+    def _token_budget_loader(self, budget: int):
         from torch.utils.data import DataLoader
         from transformers.trainer_utils import seed_worker
 
@@ -233,6 +254,7 @@ class LlavaTrainer(Trainer):
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
+            multiprocessing_context=self.args.dataloader_multiprocessing_context,
             worker_init_fn=partial(
                 seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
             ),
