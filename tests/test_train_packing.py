@@ -1,9 +1,14 @@
 """`data.packing=true` through the trainer: packed rows (seq_ids) reach the model and the loss falls."""
 
+import logging
+
+import pytest
 import torch
 from train_utils import compose_config, logged_losses, make_colour_dataset, run_steps, tiny_overrides
 
+from llava_train.config import to_typed
 from llava_train.data.packing import PackedDataset
+from llava_train.train import steps
 
 
 def test_finetune_with_packing_trains_on_packed_rows(tmp_path):
@@ -67,3 +72,17 @@ def test_finetune_under_sdpa_varlen_logs_the_losses_of_sdpa(tmp_path):
     padded = sum(rows * n for rows, n in positions["sdpa"])
     assert sum(n for _, n in positions["sdpa_varlen"]) < padded  # the merged rows' padding was dropped
     torch.testing.assert_close(losses["sdpa_varlen"], losses["sdpa"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_varlen"])
+def test_packing_under_sdpa_points_to_sdpa_varlen(tmp_path, caplog, attn):
+    data_json = make_colour_dataset(tmp_path / "data", n=8)
+    overrides = ["+stage=finetune", "stage.pretrain_mm_mlp_adapter=null", "data.packing=true"]
+    overrides += [f"model.attn_implementation={attn}", *tiny_overrides(data_json, tmp_path / "run")]
+    cfg = to_typed(compose_config(overrides))
+    tokenizer = steps.build_tokenizer(cfg)
+    model = steps.build_model(cfg, tokenizer)
+    with caplog.at_level(logging.INFO, logger="llava_train.train.steps"):
+        steps.build_data(cfg, tokenizer, model)
+    hinted = "model.attn_implementation=sdpa_varlen trains the same rows" in caplog.text
+    assert hinted == (attn == "sdpa")

@@ -201,6 +201,12 @@ def build_data(cfg: Config, tokenizer: Any, model: Any) -> tuple[Any, Any]:
             by_modality=cfg.data.group_by_modality_length,
             num_workers=cfg.data.num_workers,
         )
+        if getattr(base.config, "_attn_implementation", None) == "sdpa":
+            logger.info(
+                "data.packing under sdpa masks each row with a [T, T] block-diagonal mask; "
+                "model.attn_implementation=sdpa_varlen trains the same rows without it, with the same loss "
+                "(benchmarks/RESULTS.md section 2)"
+            )
         return dataset, PackingCollator(tokenizer, max_length=vision.model_max_length)
     return dataset, DataCollator(tokenizer, padding_side=base.config.tokenizer_padding_side or "right")
 
