@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import importlib.util
 import json
 import logging
@@ -116,6 +117,7 @@ def train(stage: str, schedule: str, data: str, run_dir: Path, model_dir: Path, 
                  f"model.llm_path={model_dir}", f"training.run_dir={run_dir}", *extra]  # fmt: skip
     log.info("$ python launch/train.py %s", " ".join(overrides))
     launch_train().train(compose_config(overrides))
+    gc.collect()  # the finished stage's trainer, model and loader sit in reference cycles until a full pass
 
 
 def summarise(metrics: dict, out: Path) -> None:
