@@ -91,3 +91,9 @@ def test_the_train_loader_sets_the_strategy_in_its_workers(tmp_path, restore_str
     init = trainer.get_train_dataloader().worker_init_fn
     assert isinstance(init, WorkerSharing) and init.strategy == "file_system"
     assert init.then.func is seed_worker  # the Trainer's per-worker seeding still runs after it
+    if budget is None:  # and a spawned worker of the prepared loader really runs it
+        trainer.train_dataset, trainer.data_collator = SharingProbe(), list
+        trainer.args.dataloader_multiprocessing_context = "spawn"
+        trainer.llava_cfg.data.group_by_modality_length = trainer.llava_cfg.data.group_by_length = False
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        assert [s for batch in trainer.get_train_dataloader() for s in batch] == ["file_system"] * 2

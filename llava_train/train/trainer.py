@@ -228,8 +228,9 @@ class LlavaTrainer(Trainer):
     def get_train_dataloader(self):
         budget = self.llava_cfg.data.max_tokens_per_batch
         loader = super().get_train_dataloader() if budget is None else self._token_budget_loader(budget)
-        if self.args.dataloader_num_workers > 0:
-            loader.worker_init_fn = WorkerSharing(self.llava_cfg.data.worker_sharing, loader.worker_init_fn)
+        if self.args.dataloader_num_workers > 0:  # on the DataLoader that accelerate's adapter iterates
+            inner = getattr(loader, "base_dataloader", loader)
+            inner.worker_init_fn = WorkerSharing(self.llava_cfg.data.worker_sharing, inner.worker_init_fn)
         return loader
 
     def _token_budget_loader(self, budget: int):
